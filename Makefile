@@ -1,0 +1,32 @@
+# Two commands matter on a fresh machine with only Python 3.11:
+#   make run    create .venv, install, run the main job on the bundled sample images (CPU, a few minutes)
+#   make test   create .venv if needed, run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m models
+
+# Every test, the slow ones included (the default `pytest` run skips tests marked slow).
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench/ -s
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

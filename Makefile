@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m models
+	$(BIN)/python train.py
 
 # Every test, the slow ones included (the default `pytest` run skips tests marked slow).
 test: $(STAMP)

@@ -49,19 +49,24 @@ def report(name: str, **figures: float | str) -> None:
 def peak_rss_of(code: str, timeout: float = 600) -> dict:
     """Run `code` in a fresh Python and return the JSON dict it prints last, with the peak-RSS increase.
 
-    The snippet runs after a baseline (imports done) is recorded, so `peak_mib` is the extra resident memory
-    its work needed, measured by the kernel (getrusage maxrss), not by sampling.
+    The snippet runs after a baseline (imports done) is recorded; `peak_mib` is the extra resident memory its
+    work needed. The peak is the kernel's high-water mark (VmHWM), reset before the snippet through
+    /proc/self/clear_refs: getrusage's maxrss is not usable here, since a child of a large process (pytest)
+    can report the parent's peak.
     """
     prelude = (
-        "import json, resource, sys, time, torch\n"
+        "import json, re, sys, time, torch\n"
         f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-        "torch.set_num_threads(torch.get_num_threads())\n"
-        "_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def _hwm_kib():\n"
+        "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "def _rss_kib():\n"
+        "    return int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "_base = _rss_kib()\n"
         "_result = {}\n"
     )
     epilogue = (
-        "\n_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "_result['peak_mib'] = (_peak - _base) / 1024\n"
+        "\n_result['peak_mib'] = (_hwm_kib() - _base) / 1024\n"
         "print(json.dumps(_result))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -39,6 +39,11 @@ def read_checkpoint_file(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many kinds (zip, pickle, EOF, index errors) for a bad file
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers; it was not "
+                "written by this codebase or a released DINOv3 model, so it is not loaded (unsafe to unpickle)"
+            ) from err
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt file?): "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -119,8 +119,9 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
 
 
 def rope_tokens(x: torch.Tensor, rope: Rope, n_prefix: int) -> torch.Tensor:
-    """Rotate the patch tokens of x ([B, H, N, D], N = n_prefix + N_patch) in float32; prefix tokens untouched."""
-    x = x.float()
+    """Rotate the patch tokens of x ([B, H, N, D], N = n_prefix + N_patch) in float32 (or float64 for float64
+    inputs); prefix tokens untouched."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.shape[-2] != n_prefix + rope.coords.shape[0]:
         raise ValueError(
             f"RoPE was built for {rope.coords.shape[0]} patches + {n_prefix} prefix tokens, "

@@ -1,0 +1,128 @@
+"""DINO and iBOT projection heads (DINOv3): an MLP to a bottleneck, L2 normalization, prototype scores.
+
+    tokens [N, in_dim] -> Linear -> GELU -> Linear -> GELU -> Linear -> bottleneck [N, bottleneck_dim]
+                       -> L2 normalize -> last_layer (Linear, no bias) -> prototype scores [N, out_dim]
+
+The DINO head reads class tokens, the iBOT head reads the (masked) patch tokens; DINOv3 gives each its own
+head ("separate heads"), see `build_heads`. The prototype layer is a plain bias-free Linear: DINOv3 dropped
+the weight normalization DINOv1/v2 had there. Module names equal the released training checkpoints' keys:
+`mlp.0`, `mlp.2`, `mlp.4` (the GELUs are `mlp.1`, `mlp.3`) and `last_layer.weight`.
+
+Sizes (ViT-7B pretraining config): DINO head hidden 8192 / bottleneck 512 / 262144 prototypes, iBOT head
+hidden 4096 (the paper's table says 8192) / bottleneck 384 / 98304 prototypes. Smaller runs use less, e.g.
+hidden 2048, bottleneck 256, 65536 prototypes.
+
+Training recipe detail: the prototype layers stay frozen at the start of training (the first "epochs" of the
+schedule); call `drop_last_layer_grads(head, ...)` between backward and the optimizer step for that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DINOHead(nn.Module):
+    """Projection head: `nlayers` Linear layers with GELU in between, L2 normalization, prototype layer.
+
+    in_dim: backbone width; out_dim: number of prototypes K; hidden_dim: width of the hidden layers;
+    bottleneck_dim: width of the normalized embedding the prototypes are compared with; nlayers: number of
+    MLP layers (3 in DINOv2/v3; with 1 the MLP is a single Linear in_dim -> bottleneck_dim).
+    Input: tokens [..., in_dim] (typically [N, in_dim]); output: prototype scores [..., out_dim].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
+                            ("bottleneck_dim", bottleneck_dim), ("nlayers", nlayers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DINOHead: {name} must be a positive int, got {value!r}")
+        widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            if i > 0:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(width_in, width_out))
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DINOv3 init: truncated normal (std 0.02) Linear weights, zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def bottleneck(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The L2-normalized embedding [..., bottleneck_dim] that the prototype layer scores."""
+        embedding = self.mlp(tokens)
+        # 1e-12 underflows in fp16 (smallest subnormal ~6e-8), which would let a zero vector divide by 0.
+        eps = 1e-6 if embedding.dtype == torch.float16 else 1e-12
+        return F.normalize(embedding, p=2, dim=-1, eps=eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] != self.mlp[0].in_features:
+            raise ValueError(
+                f"DINOHead: tokens have width {tokens.shape[-1]} but the head was built with "
+                f"in_dim={self.mlp[0].in_features}; pass [N, in_dim] class or patch tokens of the backbone"
+            )
+        return self.last_layer(self.bottleneck(tokens))
+
+
+def build_heads(
+    in_dim: int,
+    *,
+    dino_out_dim: int = 65536,
+    dino_hidden_dim: int = 2048,
+    dino_bottleneck_dim: int = 256,
+    ibot_out_dim: int | None = None,
+    ibot_hidden_dim: int | None = None,
+    ibot_bottleneck_dim: int | None = None,
+    nlayers: int = 3,
+    separate_ibot_head: bool = True,
+) -> tuple[DINOHead, DINOHead]:
+    """(dino_head, ibot_head) for one network (student or teacher).
+
+    DINOv3 uses separate heads (the default). An iBOT size left as None takes the DINO head's value.
+    With separate_ibot_head=False both names refer to the same module (DINOv1/iBOT-style sharing), in which
+    case no iBOT size may be given.
+    """
+    ibot_sizes = {"ibot_out_dim": ibot_out_dim, "ibot_hidden_dim": ibot_hidden_dim,
+                  "ibot_bottleneck_dim": ibot_bottleneck_dim}
+    dino_head = DINOHead(in_dim, dino_out_dim, dino_hidden_dim, dino_bottleneck_dim, nlayers)
+    if not separate_ibot_head:
+        given = [name for name, value in ibot_sizes.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"build_heads: {', '.join(given)} given with separate_ibot_head=False; a shared head has the DINO "
+                "head's sizes, so drop the iBOT sizes or set separate_ibot_head=True"
+            )
+        return dino_head, dino_head
+    ibot_head = DINOHead(
+        in_dim,
+        dino_out_dim if ibot_out_dim is None else ibot_out_dim,
+        dino_hidden_dim if ibot_hidden_dim is None else ibot_hidden_dim,
+        dino_bottleneck_dim if ibot_bottleneck_dim is None else ibot_bottleneck_dim,
+        nlayers,
+    )
+    return dino_head, ibot_head
+
+
+def drop_last_layer_grads(*heads: DINOHead) -> None:
+    """Freeze the prototype layers for this step (done at the start of training).
+
+    Sets `last_layer.weight.grad` to None rather than zero so that AdamW skips the parameter entirely: a zero
+    gradient would still move it through weight decay and the moment estimates.
+    """
+    for head in heads:
+        head.last_layer.weight.grad = None

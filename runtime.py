@@ -1,0 +1,238 @@
+"""What train.py and distill.py share: process-group setup, crash-safe checkpoint files, logging.
+
+Checkpoints are single files written atomically: torch.save to `<name>.tmp` in the same folder, fsync,
+then os.replace — so a crash or a full disk at any moment leaves either the previous checkpoint or the new
+one, never a torn file; leftover `.tmp` files are ignored (and cleaned) on resume.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("dinov3")
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})\.pth$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes and devices
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
+    """Join the torchrun process group if there is one: NCCL on CUDA, gloo on the CPU.
+
+    Plain `python train.py` runs as a single process without a process group.
+    """
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but no CUDA device is visible; use --run.device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if want_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if want_cuda else None,
+        )
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def all_reduce_max(value: float, dist_info: Dist) -> float:
+    """The largest `value` over all ranks (every rank must call it): used to agree on stop/NaN flags."""
+    if not dist_info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=dist_info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def barrier(dist_info: Dist) -> None:
+    if dist_info.enabled:
+        dist.barrier()
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of its integer parts (seed, step, rank, stream...)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+def rng_states() -> dict:
+    """Global RNG states as tensors and plain containers (loadable with torch.load(weights_only=True))."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    version, mt_state, gauss = states["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save that never leaves a torn file at `path` (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(
+                err.errno, f"could not write checkpoint {path} ({err.strerror}); the previous checkpoint is intact"
+            ) from err
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"checkpoint_{step:08d}.pth"
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `folder`, oldest first; temp files are not checkpoints."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    for _, path in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
+        path.unlink(missing_ok=True)
+    for tmp in Path(folder).glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Signals and logging
+# ----------------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps, saves a checkpoint and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def is_set(self) -> bool:
+        return self.signal_name is not None
+
+
+def setup_logging(output_dir: Path | None, is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if output_dir is not None and is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
+
+
+class Progress:
+    """Console progress line: step, losses, images/s and ETA from a running mean of step times."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+
+    def eta_seconds(self, step: int) -> float:
+        done = step + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        return elapsed / max(done, 1) * (self.total - step - 1)
+
+    @staticmethod
+    def format_seconds(seconds: float) -> str:
+        return str(datetime.timedelta(seconds=int(seconds)))

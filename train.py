@@ -13,7 +13,6 @@ checkpoint (atomic; resumable exactly).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -24,16 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 import tyro
 from torch import nn
 
 import runtime
 from data.augment import AugmentConfig, CropSizes
 from data.datasets import ImageDataset, build_dataset, build_loader
-from eval import load_eval_images, pca_figure, save_png
+from eval import cosine_map_figure, knn_eval, load_eval_images, load_procedural_sets, pca_figure, save_png
 from kernels.common import KernelImpl
 from losses.dino import DINOLoss
 from losses.ibot import IBOTLoss
@@ -125,7 +123,9 @@ class RunConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3
     resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
-    pca_every: int = 0  # log PCA feature maps every N steps (0: only at the end)
+    pca_every: int = 0  # log PCA and cosine feature maps every N steps (0: only at the end)
+    knn_every: int = 0  # k-NN accuracy of the teacher on the procedural labeled set every N steps (0: off)
+    knn_train_images: int = 500  # reference images of that set (and half as many held-out ones)
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
     max_nonfinite_skips: int = 10
     dist_timeout_s: float = 600.0
@@ -141,14 +141,20 @@ class TrainConfig:
 
 
 def _demo() -> TrainConfig:
-    """vit_tiny on the bundled photos at small crops: a few minutes on a laptop CPU."""
+    """vit_tiny on the bundled photos at small crops: a few minutes on a laptop CPU.
+
+    Two departures from the recipe make a 120-step run learn at all: LayerScale starts at 1.0 (at 1e-5 the
+    class token of a fresh 4-block net is the same for every image, so the teacher's targets carry no
+    signal until the blocks grow, which takes thousands of steps) and the teacher temperature stays at 0.04.
+    """
     return TrainConfig(
-        model=ModelConfig(arch="vit_tiny", dino_prototypes=1024, dino_hidden=512, dino_bottleneck=128,
-                          ibot_prototypes=1024, ibot_hidden=512, ibot_bottleneck=128),
+        model=ModelConfig(arch="vit_tiny", layerscale_init=1.0, dino_prototypes=1024, dino_hidden=512,
+                          dino_bottleneck=128, ibot_prototypes=1024, ibot_hidden=512, ibot_bottleneck=128),
         data=DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48, n_local_crops=4),
-        optim=OptimConfig(iterations=120, lr=5e-4, warmup_iterations=20, freeze_last_layer_iterations=10,
-                          teacher_temp_warmup_iterations=30, momentum=0.99),
-        run=RunConfig(output_dir="runs/demo", log_every=10, checkpoint_every=40),
+        optim=OptimConfig(iterations=120, lr=1e-3, warmup_iterations=15, freeze_last_layer_iterations=10,
+                          teacher_temp=0.04, teacher_temp_warmup_iterations=0, momentum=0.99),
+        run=RunConfig(output_dir="runs/demo", log_every=10, checkpoint_every=40, knn_every=60,
+                      knn_train_images=300),
     )
 
 
@@ -209,14 +215,15 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """`train.py [preset] [--field value ...]`; without a preset name, `demo`."""
+def parse_config(argv: list[str] | None = None, presets: dict | None = None):
+    """`train.py [preset] [--field value ...]`; without a preset name, `demo`. distill.py passes its presets."""
+    presets = PRESETS if presets is None else presets
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["demo", *argv]
-    if argv[0] not in PRESETS and not argv[0].startswith("-"):
-        raise SystemExit(f"unknown preset {argv[0]!r}; choose one of: {', '.join(PRESETS)}")
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv)
+    if argv[0] not in presets and not argv[0].startswith("-"):
+        raise SystemExit(f"unknown preset {argv[0]!r}; choose one of: {', '.join(presets)}")
+    return tyro.extras.overridable_config_cli(presets, args=argv)
 
 
 # ====================================================================================================
@@ -288,7 +295,7 @@ def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_inf
 
         for net in (student,):
             for block in net.backbone.blocks:
-                block.forward = _checkpointed(block.forward, checkpoint)
+                block.forward = checkpointed(block.forward, checkpoint)
     if cfg.parallel == "fsdp" and dist_info.enabled:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -308,7 +315,7 @@ def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_inf
     return student
 
 
-def _checkpointed(fn, checkpoint):
+def checkpointed(fn, checkpoint):
     def run(*args, **kwargs):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
@@ -348,7 +355,7 @@ def param_groups(student: SSLNet, cfg: OptimConfig) -> list[dict]:
     return list(groups.values())
 
 
-def _cosine(start: float, end: float, progress: float) -> float:
+def cosine_between(start: float, end: float, progress: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
@@ -366,12 +373,12 @@ def schedules_at(step: int, cfg: OptimConfig) -> Schedules:
     if step < cfg.warmup_iterations:
         lr = cfg.lr * step / cfg.warmup_iterations
     elif cfg.lr_schedule == "cosine":
-        lr = _cosine(cfg.lr, cfg.min_lr, (step - cfg.warmup_iterations) / max(cfg.iterations - cfg.warmup_iterations, 1))
+        lr = cosine_between(cfg.lr, cfg.min_lr, (step - cfg.warmup_iterations) / max(cfg.iterations - cfg.warmup_iterations, 1))
     else:
         lr = cfg.lr
     progress = step / max(cfg.iterations, 1)
-    wd = cfg.weight_decay if cfg.weight_decay_end is None else _cosine(cfg.weight_decay, cfg.weight_decay_end, progress)
-    momentum = cfg.momentum if cfg.momentum_end is None else _cosine(cfg.momentum, cfg.momentum_end, progress)
+    wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine_between(cfg.weight_decay, cfg.weight_decay_end, progress)
+    momentum = cfg.momentum if cfg.momentum_end is None else cosine_between(cfg.momentum, cfg.momentum_end, progress)
     if step < cfg.teacher_temp_warmup_iterations:
         temp = cfg.teacher_temp_start + (cfg.teacher_temp - cfg.teacher_temp_start) * step / cfg.teacher_temp_warmup_iterations
     else:
@@ -393,16 +400,17 @@ def apply_schedules(optimizer: torch.optim.Optimizer, sched: Schedules) -> None:
 class SSLLosses(nn.Module):
     """DINO + iBOT + KoLeo with their teacher centering; the only state is the optional softmax centers."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, process_group=None):
         super().__init__()
         loss, model = cfg.loss, cfg.model
         self.cfg = loss
+        # process_group: the ranks whose samples form the batch (None: all; distill.py: one student's ranks).
         self.dino = DINOLoss(model.dino_prototypes, student_temp=loss.student_temp, centering=loss.centering,
-                             sinkhorn_impl=model.kernel_impl)
+                             sinkhorn_impl=model.kernel_impl, process_group=process_group)
         self.ibot = IBOTLoss(model.ibot_prototypes, student_temp=loss.student_temp, centering=loss.centering,
-                             sinkhorn_impl=model.kernel_impl)
+                             sinkhorn_impl=model.kernel_impl, process_group=process_group)
         # Groups of 16 consecutive images of the global batch, even when a group spans ranks.
-        self.koleo = DistributedKoLeoLoss(group_size=loss.koleo_group_size)
+        self.koleo = DistributedKoLeoLoss(group_size=loss.koleo_group_size, process_group=process_group)
 
     def forward(self, student_out, teacher_out, batch: dict, teacher_temp: float, n_global: int) -> dict:
         dino_student, ibot_student, cls_first_global = student_out
@@ -419,6 +427,29 @@ class SSLLosses(nn.Module):
             self.ibot.update_center(ibot_teacher_logits)
         return {"total": total, "dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss,
                 "ibot": ibot, "koleo": koleo}
+
+
+def forward_losses(model: nn.Module, teacher: SSLNet, losses: SSLLosses, batch: dict, teacher_temp: float,
+                   autocast: bool) -> dict:
+    """Teacher on the global crops, student (possibly DDP-wrapped: `model`) on all crops, and the loss terms."""
+    device_type = batch["global_crops"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        teacher_out = teacher.teacher_forward(batch["global_crops"], batch["mask_indices"])
+        student_out = model(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
+        return losses(student_out, teacher_out, batch, teacher_temp, n_global=2)
+
+
+def backward_and_update(total: torch.Tensor, student: SSLNet, teacher: SSLNet, optimizer: torch.optim.Optimizer,
+                        sched: Schedules, clip_grad: float) -> torch.Tensor:
+    """Backward, last-layer freeze, gradient clipping, AdamW step, EMA teacher update; returns the grad norm."""
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if sched.last_layer_frozen:  # the prototypes stay where they were initialized for a while
+        drop_last_layer_grads(student.dino_head, student.ibot_head)
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+    optimizer.step()
+    ema_update(teacher, student, sched.momentum)
+    return grad_norm
 
 
 # ====================================================================================================
@@ -509,7 +540,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, student: SSLNet, teacher: SSLN
 # ====================================================================================================
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
@@ -571,13 +602,15 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         num_workers=cfg.data.num_workers, patch_size=student.backbone.patch_size,
         mask_probability=cfg.data.mask_probability, mask_ratio=cfg.data.mask_ratio,
     )
-    pca_images = _pca_batch(dataset, cfg, device) if dist_info.is_main else None
+    # Every rank runs these evaluations (with FSDP the teacher's forward is collective); rank 0 logs them.
+    pca_images = pca_batch(dataset, cfg, device)
+    knn_sets = load_procedural_sets(cfg.run.knn_train_images, cfg.run.knn_train_images // 2,
+                                    size=cfg.data.global_size, n_classes=10) if cfg.run.knn_every else None
 
     stop = runtime.StopFlag()
     stop.install()
     progress = runtime.Progress(cfg.optim.iterations, start_step)
     autocast = device.type == "cuda" and cfg.run.bf16
-    n_global = 2
     last: dict = {}
     history: list[float] = []
     step = start_step
@@ -585,15 +618,12 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     try:
         while step < cfg.optim.iterations:
             t0 = time.perf_counter()
-            batch = _to_device(next(data_iter), device)
+            batch = to_device(next(data_iter), device)
             sched = schedules_at(step, cfg.optim)
             apply_schedules(optimizer, sched)
             _seed_step(student, teacher, cfg.run.seed, step, dist_info.rank)
 
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                teacher_out = teacher.teacher_forward(batch["global_crops"], batch["mask_indices"])
-                student_out = model(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
-                terms = losses(student_out, teacher_out, batch, sched.teacher_temp, n_global)
+            terms = forward_losses(model, teacher, losses, batch, sched.teacher_temp, autocast)
 
             finite = runtime.all_reduce_max(0.0 if torch.isfinite(terms["total"]).item() else 1.0, dist_info) == 0.0
             if not finite:
@@ -610,13 +640,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
                 step += 1
                 continue
 
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if sched.last_layer_frozen:  # the prototypes stay where they were initialized for a while
-                drop_last_layer_grads(student.dino_head, student.ibot_head)
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            ema_update(teacher, student, sched.momentum)
+            grad_norm = backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
             step += 1
             stats["images_skipped"] += int(batch.get("n_skipped", 0))
 
@@ -630,8 +654,15 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
                 logger.info(f"step {step}/{cfg.optim.iterations}  loss {last['total']:.4f} (dino {last['dino']:.4f} "
                             f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f})  lr {sched.lr:.2e}  "
                             f"{cfg.data.batch_size * dist_info.world_size / seconds:.1f} img/s  eta {eta}")
-            if writer is not None and cfg.run.pca_every and step % cfg.run.pca_every == 0:
-                writer.add_image("features/pca", pca_figure(teacher.backbone, pca_images), step, dataformats="HWC")
+            if cfg.run.pca_every and step % cfg.run.pca_every == 0:
+                log_feature_maps(writer, teacher.backbone, pca_images, step)
+            if cfg.run.knn_every and (step % cfg.run.knn_every == 0 or step == cfg.optim.iterations):
+                accuracy = knn_eval(teacher.backbone, *knn_sets)
+                if writer is not None:
+                    for name, value in accuracy.items():
+                        writer.add_scalar(f"knn/{name}", value, step)
+                logger.info(f"step {step}: k-NN on the procedural set " +
+                            " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.iterations or stop_now:
@@ -644,23 +675,33 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         del data_iter
 
     summary = {"step": step, "losses": last, "history": history, "output_dir": str(out_dir), "stats": stats}
-    if dist_info.is_main and step == cfg.optim.iterations:
-        figure = pca_figure(teacher.backbone, pca_images)
-        summary["pca_png"] = str(save_png(figure, out_dir / "pca_features.png"))
-        if writer is not None:
-            writer.add_image("features/pca", figure, step, dataformats="HWC")
-        summary["checkpoint"] = str(runtime.list_checkpoints(out_dir)[-1][1])
-        summary["backbone"] = str(out_dir / "teacher_backbone.pth")
+    if step == cfg.optim.iterations:
+        figure = log_feature_maps(writer, teacher.backbone, pca_images, step)
+        if dist_info.is_main:
+            summary["pca_png"] = str(save_png(figure, out_dir / "pca_features.png"))
+            summary["checkpoint"] = str(runtime.list_checkpoints(out_dir)[-1][1])
+            summary["backbone"] = str(out_dir / "teacher_backbone.pth")
     if writer is not None:
         writer.close()
     runtime.barrier(dist_info)
     return summary
 
 
-def _pca_batch(dataset, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+def pca_batch(dataset, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """A fixed batch of up to 4 images at the global crop size (at least 64 px), for feature maps."""
     images, _ = load_eval_images(dataset, range(len(dataset)), max(cfg.data.global_size, 64), limit=4)
     return images.to(device)
+
+
+def log_feature_maps(writer, backbone: VisionTransformer, images: torch.Tensor, step: int) -> np.ndarray:
+    """PCA and cosine-similarity maps of a fixed batch to TensorBoard (computed on every rank, logged by rank 0);
+    returns the PCA figure."""
+    pca = pca_figure(backbone, images)
+    cosine = cosine_map_figure(backbone, images)
+    if writer is not None:
+        writer.add_image("features/pca", pca, step, dataformats="HWC")
+        writer.add_image("features/cosine", cosine, step, dataformats="HWC")
+    return pca
 
 
 def _log_scalars(writer, step, terms, sched, grad_norm, seconds, cfg, dist_info, device, stats) -> None:

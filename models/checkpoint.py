@@ -86,6 +86,8 @@ def hf_to_official(hf: StateDict, rope_base: float = 100.0, head_dim: int | None
     HF keeps no RoPE periods (they are recomputed from `rope_theta`), so they are rebuilt from `rope_base`
     and the head dim; a k bias, if the HF model has one, is kept and left unmasked.
     """
+    # transformers' files (save_pretrained, the Hub) name the blocks `layer.N.*`; its state_dict() `model.layer.N.*`.
+    hf = {("model." + k if k.startswith("layer.") else k): v for k, v in hf.items()}
     out: StateDict = {}
     used: set[str] = set()
 

@@ -172,3 +172,13 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
 def test_wrapper_prefixes_are_stripped():
     sd = {"module." + k: v for k, v in export_official(vit_tiny()).items()}
     assert load_backbone(sd).cfg == VIT_ARCHS["vit_tiny"]
+
+
+def test_hf_file_layout_with_bare_layer_names_loads():
+    """transformers' saved files name blocks `layer.N.*` (its state_dict says `model.layer.N.*`)."""
+    hf = make_hf_model(False, seed=5)
+    file_layout = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in hf.state_dict().items()}
+    model = load_backbone(file_layout).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        assert rel_err(model(x)["x_norm_clstoken"], hf(pixel_values=x).last_hidden_state[:, 0]) <= 1e-5

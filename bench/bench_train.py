@@ -1,0 +1,71 @@
+"""One SSL training step: images/s and MFU against the measured matmul peak.
+
+The issue's CPU case: vit_small, batch 8, 2 x 224 px global + 8 x 96 px local crops, the recipe's heads at
+reduced width (65536 prototypes would dominate a CPU step; 4096 keeps the backbone the main cost). A step is
+teacher forward (global crops) + student forward/backward (all crops) + Sinkhorn + losses + AdamW + EMA.
+
+FLOPs: bench.bench_vit.vit_forward_flops for each crop set (forward x3 for the student's forward+backward,
+x1 for the teacher), plus 2 x tokens x (matmul parameters) for each head (x3 for the student). Data loading is
+not timed (a batch is prepared once): that is bench_augment's subject.
+"""
+
+import pytest
+import torch
+
+import train
+from bench.bench_vit import vit_forward_flops
+from bench.common import matmul_peak_gflops, report, requires_cuda
+from data.augment import AugmentConfig, CropSizes
+from data.datasets import SampleImagesDataset, build_loader
+
+CASES = [
+    pytest.param("cpu", "vit_small", 8, 224, 96, 4096, id="cpu-vits16-b8-224+96"),
+    pytest.param("cuda", "vit_large", 32, 256, 112, 65536, id="cuda-vitl16-b32-256+112", marks=requires_cuda),
+]
+
+
+def head_matmul_params(head: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in head.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("device, arch, batch, global_size, local_size, prototypes", CASES)
+def test_train_step_throughput(benchmark, device, arch, batch, global_size, local_size, prototypes):
+    cfg = train.parse_config([
+        "demo", "--model.arch", arch, "--model.dino-prototypes", str(prototypes), "--model.ibot-prototypes",
+        str(prototypes), "--model.dino-hidden", "2048", "--model.ibot-hidden", "2048", "--model.dino-bottleneck",
+        "256", "--model.ibot-bottleneck", "256", "--data.global-size", str(global_size), "--data.local-size",
+        str(local_size), "--data.n-local-crops", "8", "--data.batch-size", str(batch), "--run.device", device,
+    ])
+    torch.manual_seed(0)
+    student, teacher = train.build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+    losses = train.SSLLosses(cfg).to(device)
+    optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
+    loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=8), CropSizes(global_size, local_size),
+                          batch_size=batch, num_workers=0)
+    batch_data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}
+    sched = train.schedules_at(10**6, cfg.optim)
+    autocast = device == "cuda"
+
+    def step():
+        terms = train.forward_losses(student, teacher, losses, batch_data, sched.teacher_temp, autocast)
+        train.backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.min
+    vit = student.backbone.cfg
+    n_masked = int(batch_data["n_masked"])
+    student_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size) + vit_forward_flops(
+        vit, 8 * batch, local_size, local_size)
+    teacher_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size)
+    heads = 2 * (10 * batch * head_matmul_params(student.dino_head) + n_masked * head_matmul_params(student.ibot_head))
+    teacher_heads = 2 * (2 * batch * head_matmul_params(student.dino_head) + n_masked * head_matmul_params(student.ibot_head))
+    flops = 3 * (student_fwd + heads) + teacher_fwd + teacher_heads
+    achieved = flops / seconds / 1e9
+    peak = matmul_peak_gflops(device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    report(f"train step {arch} {device} b{batch} 2x{global_size}+8x{local_size}", seconds=seconds,
+           images_per_s=batch / seconds, gflop=flops / 1e9, gflops=achieved, peak_gflops=peak, mfu=achieved / peak,
+           threads=torch.get_num_threads())

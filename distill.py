@@ -1,0 +1,947 @@
+"""Distillation of a frozen teacher into one or more students at once (DINOv3 section 5.2), in one file.
+
+    python distill.py                                   # `demo`: train.py's demo teacher -> vit_tiny + convnext_tiny
+    torchrun --nproc_per_node=2 distill.py demo --students vit_tiny:1,convnext_tiny:1 --run.device cpu
+    torchrun --nproc_per_node=8 distill.py paper --teacher.checkpoint vit7b.pth --data.path /data/train \\
+        --students vit_small:2,vit_base:2,vit_large:4
+
+A step, in order: every rank loads its shard of the global batch -> the frozen teacher (no EMA) runs once on that
+shard, under no_grad (bf16 on GPU) -> crops, iBOT masks and teacher outputs are all-gathered over all ranks -> each
+student's rank group splits the whole global batch among its ranks -> student forward (masked global crops + local
+crops), losses against the teacher outputs -> backward (gradients averaged within the group), gradient clipping,
+AdamW -> log -> per-student checkpoints and exported backbones.
+
+Students and ranks (`--students arch[:ranks],...`: ViT presets of models/vit.py, ConvNeXt presets of
+models/convnext.py): with rank counts (summing to the world size) each student is trained by its own group of ranks
+(torch.distributed.new_group); without counts every rank trains every student in turn on its own shard, which is
+plain data parallelism (nothing to gather); one process trains all students in turn on the whole batch. Each
+student sees the whole global batch each step in every layout: the layout changes the speed, not the result.
+
+Group sizes: the groups meet at every step's all-gather, so a step lasts as long as the slowest group. With W ranks,
+a global batch of B images, teacher cost C_T and student training costs C_i per image, a rank of group i spends
+B/W * C_T on the teacher and B/w_i * C_i on its student: choose w_i proportional to C_i (and dividing B). Runs
+measure C_i per student (summary.json, the final printout) and, on several ranks, print the balancing counts.
+
+Objectives (`--teacher.objective auto` picks from the checkpoint):
+- "heads", from a train.py checkpoint: the pretraining objective against the teacher's head outputs (DINO + iBOT +
+  0.1 KoLeo, Sinkhorn-Knopp on the teacher side, no Gram loss). Students get their own DINO/iBOT heads with the
+  teacher's prototype counts: the losses compare distributions over prototypes, so the widths need not match. The
+  teacher shares its heads' normalized bottleneck embeddings (512 floats per class token for the 7B instead of 256k
+  logits: a much smaller all-gather) and the students' ranks apply its prototype layers to their own part.
+- "features", from a backbone-only file (released DINOv3 format; Hugging Face DINOv3ViTModel weights as .pth, .bin,
+  .safetensors or a model folder): student projection heads (MLP to the teacher's width) on the class and patch
+  tokens, cosine distance to the teacher's tokens: L = dino_weight L_cls + ibot_weight L_patch + koleo_weight KoLeo.
+  L_cls pairs each student global crop with the teacher's view of the same crop and each local crop with both
+  teacher global crops; L_patch compares every patch of the student's (iBOT-masked) global crops with the teacher's
+  patch of the unmasked crop.
+
+Phases: `optim.iterations` main steps (train.py's schedules), then `phases.cooldown_iterations` of cosine lr decay to
+`optim.min_lr`, then `phases.high_res_iterations` with a (global, local) crop-size pair drawn per step by
+data/augment.py's CropSizeSchedule (no Gram loss) at the lr the previous phase ended with.
+
+Outputs per student: `<output_dir>/<arch>/checkpoint_XXXXXXXX.pth` (atomic; a run resumes from the newest step every
+student has) and `<output_dir>/<arch>/backbone.pth` (ViT: released format for models.checkpoint.load_backbone;
+ConvNeXt: released ConvNeXt keys for models.convnext.load_convnext); `summary.json` counts the teacher's images per
+rank (each image once per step over all ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import runtime
+import train
+from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
+from data.datasets import ImageDataset, build_dataset, build_loader
+from eval import pca_figure, save_png
+from kernels.common import KernelImpl
+from losses.ibot import ibot_mask_weights
+from losses.koleo import DistributedKoLeoLoss
+from models.checkpoint import CheckpointError, export_official, load_backbone, read_checkpoint_file
+from models.convnext import CONVNEXT_ARCHS, MIN_INPUT_SIZE, MaskMode, build_convnext
+from models.heads import DINOHead, drop_last_layer_grads
+from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
+
+logger = logging.getLogger("dinov3")
+
+N_GLOBAL = 2  # global crops per image
+STUDENT_ARCHS = (*VIT_ARCHS, *CONVNEXT_ARCHS)
+HEADS_TERMS = ("total", "dino", "dino_global", "dino_local", "ibot", "koleo")
+FEATURE_TERMS = ("total", "cls", "cls_global", "cls_local", "patch", "koleo")
+
+
+# ====================================================================================================
+# Config
+# ====================================================================================================
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str | None = None  # train.py checkpoint, or a released / Hugging Face backbone file or folder
+    objective: Literal["auto", "heads", "features"] = "auto"  # auto: heads when the checkpoint has them
+    arch: str | None = None  # backbone-only files: ViT preset (None: inferred from the shapes)
+    attn_impl: AttnImpl = "auto"
+    kernel_impl: KernelImpl = "auto"  # Sinkhorn-Knopp: Triton on CUDA, PyTorch reference on CPU
+
+
+@dataclass
+class StudentConfig:
+    """Options shared by every student."""
+
+    drop_path_rate: float = 0.0
+    layerscale_init: float | None = None  # None: the architecture's own (ViT 1e-5, ConvNeXt 1e-6)
+    convnext_mask_mode: MaskMode = "ignore"  # iBOT masks for ConvNeXt students, see models/convnext.py
+    attn_impl: AttnImpl = "auto"
+    feature_head_hidden: int = 2048  # "features" objective: hidden width of the student projection heads
+
+
+@dataclass
+class PhasesConfig:
+    cooldown_iterations: int = 0  # after optim.iterations: cosine lr decay to optim.min_lr
+    high_res_iterations: int = 0  # after the cooldown: mixed-resolution crops, no Gram loss
+    # (global size, local size, probability) per step; the paper's high-resolution choices, Gram sizes dropped.
+    high_res_sizes: tuple[tuple[int, int, float], ...] = (
+        (512, 112, 0.3), (768, 112, 0.3), (768, 168, 0.3), (768, 224, 0.05), (768, 336, 0.05),
+    )
+
+
+@dataclass
+class DistillConfig:
+    # Comma-separated arch[:ranks], e.g. vit_small:2,vit_base:2,convnext_tiny:1 (no counts: every rank trains every
+    # student in turn). Architectures: the ViT presets of models/vit.py and the ConvNeXt presets of models/convnext.py.
+    students: str = "vit_small"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: train.DataConfig = field(default_factory=train.DataConfig)  # batch_size: per rank (the teacher's shard)
+    optim: train.OptimConfig = field(default_factory=train.OptimConfig)  # momentum fields unused: no EMA
+    loss: train.LossConfig = field(default_factory=train.LossConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    run: train.RunConfig = field(default_factory=lambda: train.RunConfig(output_dir="runs/distill"))
+
+
+def _demo() -> DistillConfig:
+    """train.py's demo teacher (vit_tiny, 120 steps) into a vit_tiny and a ConvNeXt-Tiny: CPU, a few minutes."""
+    return DistillConfig(
+        students="vit_tiny,convnext_tiny",
+        teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000120.pth"),
+        data=train.DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48, n_local_crops=4),
+        optim=train.OptimConfig(iterations=40, lr=5e-4, warmup_iterations=10, freeze_last_layer_iterations=10,
+                                teacher_temp_warmup_iterations=0),
+        phases=PhasesConfig(cooldown_iterations=10, high_res_iterations=6,
+                            high_res_sizes=((128, 48, 0.5), (160, 64, 0.5))),
+        run=train.RunConfig(output_dir="runs/demo_distill", log_every=10, checkpoint_every=20),
+    )
+
+
+def _paper() -> DistillConfig:
+    """Section 5.2: the pretraining objective and hyperparameters, 1M steps, 250k cooldown, 10k high-res steps."""
+    pretrain = train.PRESETS["vit7b16"][1]
+    return DistillConfig(
+        students="vit_small,vit_base,vit_large",
+        data=dataclasses.replace(pretrain.data),
+        optim=dataclasses.replace(pretrain.optim),
+        loss=dataclasses.replace(pretrain.loss),
+        phases=PhasesConfig(cooldown_iterations=250_000, high_res_iterations=10_000),
+        run=train.RunConfig(output_dir="runs/distill"),
+    )
+
+
+PRESETS: dict[str, tuple[str, DistillConfig]] = {
+    "demo": ("train.py's demo teacher -> vit_tiny + convnext_tiny on the bundled photos, CPU (the default)", _demo()),
+    "paper": ("the paper's distillation schedule (pass --teacher.checkpoint and --data.path)", _paper()),
+}
+
+
+def parse_config(argv: list[str] | None = None) -> DistillConfig:
+    """`distill.py [preset] [--field value ...]`; without a preset name, `demo`."""
+    return train.parse_config(argv, presets=PRESETS)
+
+
+# ====================================================================================================
+# Teacher
+# ====================================================================================================
+
+
+class Teacher(nn.Module):
+    """The frozen teacher. `forward` runs it on this rank's shard and returns what is shared with the students:
+    cls [2b, d] and patches [2b, P, d] -- the DINO/iBOT heads' normalized bottleneck embeddings ("heads") or the
+    backbone's normed tokens ("features"). `images_seen` counts the images it has run on."""
+
+    def __init__(self, net: nn.Module, objective: Literal["heads", "features"], model_cfg: train.ModelConfig | None):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.objective = objective
+        self.model_cfg = model_cfg  # heads: the sizes the students' heads copy
+        self.images_seen = 0
+
+    @property
+    def backbone(self) -> VisionTransformer:
+        return self.net.backbone if self.objective == "heads" else self.net
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # frozen: no drop path, no RoPE jitter, ever
+
+    @torch.no_grad()
+    def forward(self, global_crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.images_seen += global_crops.shape[0] // N_GLOBAL
+        out = self.backbone(global_crops)
+        if self.objective == "features":
+            return {"cls": out["x_norm_clstoken"], "patches": out["x_norm_patchtokens"]}
+        return {"cls": self.net.dino_head.bottleneck(out["x_norm_clstoken"]),
+                "patches": self.net.ibot_head.bottleneck(out["x_norm_patchtokens"])}
+
+    @torch.no_grad()
+    def head_logits(self, cls_embeddings: torch.Tensor, masked_patch_embeddings: torch.Tensor):
+        """"heads": the teacher's prototype scores from shared bottleneck embeddings (DINO [N, K], iBOT [M, K'])."""
+        return (self.net.dino_head.last_layer(cls_embeddings),
+                self.net.ibot_head.last_layer(masked_patch_embeddings))
+
+
+def _read_teacher_file(path: Path) -> dict:
+    """A checkpoint file, or Hugging Face weights: a .safetensors file or a model folder (model.safetensors or
+    pytorch_model.bin)."""
+    if path.is_dir():
+        found = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(f"teacher folder {path} holds neither model.safetensors nor pytorch_model.bin")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return read_checkpoint_file(path)
+
+
+def load_teacher(cfg: TeacherConfig) -> Teacher:
+    """The frozen teacher named by cfg.checkpoint, with its objective (see the module docstring)."""
+    if not cfg.checkpoint:
+        raise ValueError("teacher.checkpoint is not set: pass a train.py checkpoint or a backbone file")
+    payload = _read_teacher_file(Path(cfg.checkpoint))
+    has_heads = payload.get("format") == "dinov3-train-checkpoint"
+    objective = cfg.objective if cfg.objective != "auto" else ("heads" if has_heads else "features")
+    if objective == "heads" and not has_heads:
+        raise CheckpointError(f"{cfg.checkpoint} holds no DINO/iBOT heads (not a train.py checkpoint): use "
+                              "--teacher.objective features (or auto) to distill its backbone features")
+    if has_heads:
+        saved = payload["config"]["model"]
+        known = {f.name for f in dataclasses.fields(train.ModelConfig)}
+        model_cfg = train.ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        net = train.SSLNet(model_cfg, drop_path_rate=0.0)
+        net.load_state_dict(payload["teacher"])  # the EMA teacher of the run, heads included
+        net.backbone.set_attn_impl(cfg.attn_impl)
+        if objective == "features":
+            return Teacher(net.backbone, "features", None)
+        return Teacher(net, "heads", model_cfg)
+    backbone = load_backbone(payload, arch=cfg.arch, attn_impl=cfg.attn_impl)
+    return Teacher(backbone, "features", None)
+
+
+# ====================================================================================================
+# Students and their rank groups
+# ====================================================================================================
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    index: int  # position in --students: seeds and the order of collectives derive from it
+    arch: str
+    ranks: tuple[int, ...]  # the ranks that train this student (its group)
+
+    @property
+    def name(self) -> str:
+        return self.arch
+
+
+def parse_students(spec: str, world_size: int, global_batch: int) -> list[StudentSpec]:
+    """'arch[:ranks],...' -> one StudentSpec per student, with its ranks; every error says what to change."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("students: give at least one student, e.g. --students vit_small or vit_small:2,vit_base:2")
+    archs, counts = [], []
+    for entry in entries:
+        arch, _, count = entry.partition(":")
+        if arch not in STUDENT_ARCHS:
+            raise ValueError(f"students: unknown architecture {arch!r}; choose from {', '.join(STUDENT_ARCHS)}")
+        if count and (not count.isdigit() or int(count) < 1):
+            raise ValueError(f"students: rank count {count!r} of {arch} must be a positive integer")
+        archs.append(arch)
+        counts.append(int(count) if count else None)
+    duplicates = sorted({a for a in archs if archs.count(a) > 1})
+    if duplicates:
+        raise ValueError(f"students: {', '.join(duplicates)} listed twice; each student writes to <output_dir>/<arch>")
+    given = [c for c in counts if c is not None]
+    if given and len(given) != len(counts):
+        raise ValueError("students: give a rank count to every student (arch:ranks) or to none")
+    if world_size == 1 or not given:
+        # One process, or no counts: every rank trains every student in turn, each on the whole batch.
+        return [StudentSpec(i, arch, tuple(range(world_size))) for i, arch in enumerate(archs)]
+    if sum(given) != world_size:
+        raise ValueError(f"students: rank counts {given} sum to {sum(given)}, but {world_size} ranks are running; "
+                         f"make them add up to the world size (or leave them out to train every student on all ranks)")
+    specs, first = [], 0
+    for i, (arch, count) in enumerate(zip(archs, given)):
+        if global_batch % count:
+            raise ValueError(f"students: {arch} has {count} ranks, which do not divide the global batch of "
+                             f"{global_batch} images (data.batch_size x world size); change the counts or the batch")
+        specs.append(StudentSpec(i, arch, tuple(range(first, first + count))))
+        first += count
+    return specs
+
+
+def suggest_rank_counts(seconds_per_image: list[float], world_size: int) -> list[int]:
+    """Rank counts (>= 1 each, summing to world_size) that equalize the students' step times.
+
+    A group of w ranks trains on B/w images per rank, so its step takes B/w * c: giving each next rank to the group
+    with the slowest step minimizes the slowest one. The counts must still divide the global batch.
+    """
+    if world_size < len(seconds_per_image):
+        raise ValueError(f"{len(seconds_per_image)} students need at least as many ranks, got {world_size}")
+    counts = [1] * len(seconds_per_image)
+    for _ in range(world_size - len(counts)):
+        slowest = max(range(len(counts)), key=lambda i: seconds_per_image[i] / counts[i])
+        counts[slowest] += 1
+    return counts
+
+
+def build_groups(specs: list[StudentSpec], dist_info: runtime.Dist) -> list:
+    """One process group per student (all ranks must create every group, in the same order)."""
+    if not dist_info.enabled:
+        return [None] * len(specs)
+    return [dist.new_group(list(spec.ranks)) for spec in specs]
+
+
+class Student(nn.Module):
+    """A student backbone (ViT or ConvNeXt) with a class-token head and a patch-token head.
+
+    Heads: DINO and iBOT heads (the "heads" objective) or projection MLPs to the teacher's width ("features").
+    """
+
+    def __init__(self, backbone: nn.Module, class_head: nn.Module, patch_head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.class_head = class_head
+        self.patch_head = patch_head
+
+    def forward(self, global_crops, local_crops, masks, mask_indices=None):
+        """Class-head outputs of every crop (crop-major), patch-head outputs of the global crops' patches (only the
+        masked ones when mask_indices is given, else all [2B, P, .]), and the first global crop's class tokens."""
+        crops = [global_crops] + ([local_crops] if local_crops.numel() else [])
+        outs = self.backbone(crops, [masks] + [None] * (len(crops) - 1))
+        cls_tokens = torch.cat([o["x_norm_clstoken"] for o in outs])
+        patches = outs[0]["x_norm_patchtokens"]
+        if mask_indices is not None:
+            patches = patches.flatten(0, 1).index_select(0, mask_indices)
+        return self.class_head(cls_tokens), self.patch_head(patches), outs[0]["x_norm_clstoken"]
+
+
+def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
+    overrides: dict = {"drop_path_rate": cfg.drop_path_rate}
+    if cfg.layerscale_init is not None:
+        overrides["layerscale_init"] = cfg.layerscale_init
+    if arch in VIT_ARCHS:
+        return build_vit(arch, attn_impl=cfg.attn_impl, **overrides)
+    return build_convnext(arch, mask_mode=cfg.convnext_mask_mode, **overrides)
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """"features" objective: student tokens -> the teacher's width (Linear, GELU, Linear)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+def build_student(spec: StudentSpec, teacher: Teacher, cfg: DistillConfig) -> Student:
+    # Seeded per student: its initialization does not depend on which other students share the process.
+    torch.manual_seed(runtime.derived_seed(cfg.run.seed, 100, spec.index))
+    backbone = build_backbone(spec.arch, cfg.student)
+    dim = backbone.embed_dim
+    if teacher.objective == "heads":
+        m = teacher.model_cfg
+        return Student(backbone, DINOHead(dim, m.dino_prototypes, m.dino_hidden, m.dino_bottleneck),
+                       DINOHead(dim, m.ibot_prototypes, m.ibot_hidden, m.ibot_bottleneck))
+    hidden = cfg.student.feature_head_hidden
+    return Student(backbone, projection_head(dim, hidden, teacher.embed_dim),
+                   projection_head(dim, hidden, teacher.embed_dim))
+
+
+def wrap_student(student: Student, group, group_size: int, device: torch.device) -> nn.Module:
+    """DDP over the student's own group (gradients averaged within it); alone in its group, the plain module."""
+    if group_size == 1:
+        return student
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(student, device_ids=device_ids, process_group=group)
+
+
+# ====================================================================================================
+# Shared teacher inference: all-gather crops, masks and teacher outputs; each rank keeps its students' part
+# ====================================================================================================
+
+
+def gather_crop_major(local: torch.Tensor, n_crops: int, n_images: int, dist_info: runtime.Dist) -> torch.Tensor:
+    """This rank's crop-major [n_crops * b, ...] -> the global batch [n_crops, W * b, ...], images in rank order.
+
+    Rank r holds images [r*b, (r+1)*b) of each step (block sharding in data/datasets.py), so the result is the
+    same global batch whatever the number of ranks."""
+    local = local.reshape(n_crops, n_images, *local.shape[1:])
+    if not dist_info.enabled:
+        return local
+    sendable = local.to(torch.uint8) if local.dtype == torch.bool else local.contiguous()  # gloo has no bool
+    parts = [torch.empty_like(sendable) for _ in range(dist_info.world_size)]
+    dist.all_gather(parts, sendable)
+    return torch.cat(parts, dim=1).to(local.dtype)
+
+
+def part_of(global_batch: torch.Tensor, part: int, n_parts: int) -> torch.Tensor:
+    """Images [part * B/n, (part+1) * B/n) of a [n_crops, B, ...] global batch, crop-major as the collate makes
+    them: [n_crops * B/n, ...]."""
+    n_images = global_batch.shape[1] // n_parts
+    return global_batch[:, part * n_images:(part + 1) * n_images].flatten(0, 1)
+
+
+def with_ibot_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adds the flat indices and the weights of the masked tokens (data/masking.py's definitions)."""
+    return {**batch, "mask_indices": batch["masks"].flatten().nonzero().flatten(),
+            "mask_weights": ibot_mask_weights(batch["masks"])}
+
+
+def share_batch(batch: dict, teacher_out: dict, part: int, n_parts: int, dist_info: runtime.Dist) -> dict:
+    """What this rank's students train on: part `part` of `n_parts` of the global batch -- crops, masks, teacher
+    outputs -- gathered from the ranks that loaded it and ran the teacher on it."""
+    n_images = batch["global_crops"].shape[0] // N_GLOBAL
+    tensors = {  # name: (this rank's crop-major tensor, crops per image)
+        "global_crops": (batch["global_crops"], N_GLOBAL),
+        "local_crops": (batch["local_crops"], batch["local_crops"].shape[0] // n_images),
+        "masks": (batch["masks"], N_GLOBAL),
+        "teacher_cls": (teacher_out["cls"], N_GLOBAL),
+        "teacher_patches": (teacher_out["patches"], N_GLOBAL),
+    }
+    if n_parts == dist_info.world_size:  # the part is the shard this rank loaded (plain data parallelism)
+        return with_ibot_targets({name: local for name, (local, _) in tensors.items()})
+    # One tensor at a time, cut at once: only one global-batch tensor is alive at any moment.
+    return with_ibot_targets({name: part_of(gather_crop_major(local, n_crops, n_images, dist_info), part, n_parts)
+                              for name, (local, n_crops) in tensors.items()})
+
+
+# ====================================================================================================
+# Losses
+# ====================================================================================================
+
+
+def heads_losses(cfg: DistillConfig, teacher: Teacher, group) -> train.SSLLosses:
+    """train.py's DINO + iBOT + KoLeo with the teacher's prototype counts; centering and KoLeo groups over the
+    student's own ranks, which together hold the whole global batch."""
+    model_cfg = dataclasses.replace(teacher.model_cfg, kernel_impl=cfg.teacher.kernel_impl)
+    return train.SSLLosses(train.TrainConfig(model=model_cfg, loss=cfg.loss), process_group=group)
+
+
+def _cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - cos between matching rows (last dim), in float32."""
+    return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-6)
+
+
+class FeatureLosses(nn.Module):
+    """The "features" objective (module docstring): cosine distances of class and patch tokens, plus KoLeo."""
+
+    def __init__(self, cfg: train.LossConfig, group):
+        super().__init__()
+        self.cfg = cfg
+        self.koleo = DistributedKoLeoLoss(group_size=cfg.koleo_group_size, process_group=group)
+
+    def forward(self, student_out, batch: dict) -> dict[str, torch.Tensor]:
+        cls_projected, patches_projected, cls_first_global = student_out
+        teacher_cls = batch["teacher_cls"]  # [2B, C_t], crop-major
+        n_images = teacher_cls.shape[0] // N_GLOBAL
+        student_cls = cls_projected.view(-1, n_images, cls_projected.shape[-1])  # [crops, B, C_t]
+        teacher_cls = teacher_cls.view(N_GLOBAL, n_images, -1)
+        same_view = _cosine_distance(student_cls[:N_GLOBAL], teacher_cls).mean(dim=1)  # [2]
+        local_to_global = _cosine_distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
+        cls_loss = torch.cat([same_view, local_to_global]).mean()
+        patch_loss = _cosine_distance(patches_projected, batch["teacher_patches"]).mean()
+        koleo = self.koleo(cls_first_global[:n_images])  # class tokens of the first global crop
+        total = self.cfg.dino_weight * cls_loss + self.cfg.ibot_weight * patch_loss + self.cfg.koleo_weight * koleo
+        local = local_to_global.mean() if local_to_global.numel() else cls_loss.new_zeros(())
+        return {"total": total, "cls": cls_loss, "cls_global": same_view.mean(), "cls_local": local,
+                "patch": patch_loss, "koleo": koleo}
+
+
+# ====================================================================================================
+# One student: state, step, checkpoints
+# ====================================================================================================
+
+
+@dataclass
+class StudentRun:
+    """One student on this rank: its network, optimizer, losses and place in its rank group."""
+
+    spec: StudentSpec
+    objective: Literal["heads", "features"]
+    net: Student
+    model: nn.Module  # net, or DDP around it
+    optimizer: torch.optim.Optimizer
+    losses: nn.Module
+    group: object  # its process group (None in one process)
+    group_rank: int
+    nonfinite_skips: int = 0
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return HEADS_TERMS if self.objective == "heads" else FEATURE_TERMS
+
+    @property
+    def n_ranks(self) -> int:
+        return len(self.spec.ranks)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group_rank == 0
+
+
+def setup_student(spec: StudentSpec, group, teacher: Teacher, cfg: DistillConfig,
+                  dist_info: runtime.Dist) -> StudentRun:
+    net = build_student(spec, teacher, cfg).to(dist_info.device)
+    if cfg.run.activation_checkpointing:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in net.backbone.blocks:
+            block.forward = train.checkpointed(block.forward, checkpoint)
+    losses = heads_losses(cfg, teacher, group) if teacher.objective == "heads" else FeatureLosses(cfg.loss, group)
+    losses.to(dist_info.device)
+    model = wrap_student(net, group, len(spec.ranks), dist_info.device)
+    # train.py's groups: layer-wise lr decay over a ViT's blocks. A ConvNeXt's parameter names hold no
+    # "backbone.blocks.i", so all of them get the base lr (no layer-wise decay, no patch-embedding factor).
+    optimizer = torch.optim.AdamW(train.param_groups(net, cfg.optim), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    if cfg.run.compile:
+        net.backbone.compile()
+    group_rank = spec.ranks.index(dist_info.rank)
+    return StudentRun(spec, teacher.objective, net, model, optimizer, losses, group, group_rank)
+
+
+def _seed_student_step(run: StudentRun, seed: int, step: int, rank: int) -> None:
+    """RoPE box: the same on every rank of the group (one box per step, as in one process); drop path: per rank."""
+    rope = getattr(run.net.backbone, "rope_embed", None)
+    if rope is not None:
+        rope.seed(runtime.derived_seed(seed, step, 1, run.spec.index))
+    torch.manual_seed(runtime.derived_seed(seed, step, 3, run.spec.index, rank))
+
+
+def _group_max(value: float, run: StudentRun, device: torch.device) -> float:
+    if run.n_ranks == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=run.group)
+    return t.item()
+
+
+def _group_mean(values: torch.Tensor, run: StudentRun) -> torch.Tensor:
+    if run.n_ranks > 1:
+        dist.all_reduce(values, group=run.group)
+        values /= run.n_ranks
+    return values
+
+
+def train_student_step(run: StudentRun, teacher: Teacher, batch: dict, sched: train.Schedules, step: int,
+                       cfg: DistillConfig, dist_info: runtime.Dist) -> torch.Tensor:
+    """Forward, losses, backward and optimizer step of one student on this rank's part of the global batch.
+
+    Returns its loss terms averaged over its group (float64 [len(run.terms)]), NaN where the step was skipped.
+    """
+    device = dist_info.device
+    train.apply_schedules(run.optimizer, sched)
+    _seed_student_step(run, cfg.run.seed, step, dist_info.rank)
+    autocast = device.type == "cuda" and cfg.run.bf16
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        if teacher.objective == "heads":
+            masked_patches = batch["teacher_patches"].flatten(0, 1).index_select(0, batch["mask_indices"])
+            teacher_logits = teacher.head_logits(batch["teacher_cls"], masked_patches)
+            student_out = run.model(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
+            terms = run.losses(student_out, teacher_logits, batch, sched.teacher_temp, N_GLOBAL)
+        else:
+            student_out = run.model(batch["global_crops"], batch["local_crops"], batch["masks"])
+            terms = run.losses(student_out, batch)
+
+    finite = _group_max(0.0 if torch.isfinite(terms["total"]).item() else 1.0, run, device) == 0.0
+    if not finite:
+        if not cfg.run.skip_nonfinite or run.nonfinite_skips >= cfg.run.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{run.spec.name}: loss became {terms['total'].item()} at step {step}; stopping. The last good "
+                f"checkpoint in {Path(cfg.run.output_dir) / run.spec.name} is intact; lower optim.lr or use "
+                "--run.skip-nonfinite to skip such steps")
+        run.nonfinite_skips += 1
+        logger.warning(f"step {step}: {run.spec.name} had a non-finite loss, its update skipped")
+        run.optimizer.zero_grad(set_to_none=True)
+        return torch.full((len(run.terms),), math.nan, dtype=torch.float64)
+
+    run.optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    if sched.last_layer_frozen and teacher.objective == "heads":
+        drop_last_layer_grads(run.net.class_head, run.net.patch_head)
+    torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.optim.clip_grad)
+    run.optimizer.step()
+    values = torch.stack([terms[name].detach().double() for name in run.terms]).to(device)
+    return _group_mean(values, run).cpu()
+
+
+def student_dir(cfg: DistillConfig, spec: StudentSpec) -> Path:
+    return Path(cfg.run.output_dir) / spec.name
+
+
+def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
+    """The group leader writes the checkpoint (atomic) and the exported backbone (released key format)."""
+    if not run.is_leader:
+        return
+    # Plain state dicts: students are replicated (DDP), never sharded. (train._full_state's full_state_dict +
+    # cpu_offload returns an empty dict on ranks other than 0, and a group's leader may be any rank.)
+    folder = student_dir(cfg, run.spec)
+    payload = {
+        "format": "dinov3-distill-checkpoint",
+        "step": step,  # completed steps: the next step to run
+        "arch": run.spec.arch,
+        "objective": run.objective,
+        "config": dataclasses.asdict(cfg),
+        "student": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        "losses": run.losses.state_dict(),
+        "nonfinite_skips": run.nonfinite_skips,
+    }
+    runtime.atomic_save(payload, runtime.checkpoint_path(folder, step))
+    runtime.atomic_save(export_official(run.net.backbone), folder / "backbone.pth")
+    runtime.prune_checkpoints(folder, cfg.run.keep_last)
+
+
+def resume_step(cfg: DistillConfig, specs: list[StudentSpec]) -> int:
+    """The newest step every student has a checkpoint of (0 for a fresh run)."""
+    steps = [{s for s, _ in runtime.list_checkpoints(student_dir(cfg, spec))} for spec in specs]
+    common = set.intersection(*steps)
+    if common:
+        return max(common)
+    if any(steps):
+        have = {spec.name: sorted(s)[-3:] for spec, s in zip(specs, steps)}
+        raise CheckpointError(f"the students in {cfg.run.output_dir} have no checkpoint step in common ({have}); "
+                              "use another --run.output-dir or --run.no-resume")
+    return 0
+
+
+def load_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
+    path = runtime.checkpoint_path(student_dir(cfg, run.spec), step)
+    payload = read_checkpoint_file(path)
+    if payload.get("format") != "dinov3-distill-checkpoint":
+        raise CheckpointError(f"{path} is not a distill.py checkpoint")
+    if payload["arch"] != run.spec.arch or payload["objective"] != run.objective:
+        raise CheckpointError(f"{path} holds a {payload['arch']} student trained with the {payload['objective']!r} "
+                              f"objective, this run has {run.spec.arch} / {run.objective!r}; use another "
+                              "--run.output-dir")
+    run.net.load_state_dict(payload["student"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    run.losses.load_state_dict(payload["losses"])
+    run.nonfinite_skips = payload["nonfinite_skips"]
+
+
+def param_digest(module: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes: equal digests on two ranks mean bitwise-equal replicas."""
+    digest = hashlib.sha256()
+    for name, param in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ====================================================================================================
+# Phases and data
+# ====================================================================================================
+
+
+def total_steps(cfg: DistillConfig) -> int:
+    return cfg.optim.iterations + cfg.phases.cooldown_iterations + cfg.phases.high_res_iterations
+
+
+def phase_at(step: int, cfg: DistillConfig) -> Literal["main", "cooldown", "high_res"]:
+    if step < cfg.optim.iterations:
+        return "main"
+    if step < cfg.optim.iterations + cfg.phases.cooldown_iterations:
+        return "cooldown"
+    return "high_res"
+
+
+def schedules_at(step: int, cfg: DistillConfig) -> train.Schedules:
+    """train.py's schedules during the main phase; then a cosine lr cooldown; then the lr the cooldown ended with."""
+    main_end = cfg.optim.iterations
+    sched = train.schedules_at(min(step, main_end), cfg.optim)
+    if step < main_end:
+        return sched
+    cooldown = cfg.phases.cooldown_iterations
+    progress = min(step - main_end, cooldown) / max(cooldown, 1)
+    lr = train.cosine_between(sched.lr, cfg.optim.min_lr, progress) if cooldown else sched.lr
+    return dataclasses.replace(sched, lr=lr)
+
+
+def crop_sizes(phase: str, cfg: DistillConfig) -> CropSizes | CropSizeSchedule:
+    if phase != "high_res":
+        return CropSizes(cfg.data.global_size, cfg.data.local_size, None)
+    choices = tuple((CropSizes(g, l, None), p) for g, l, p in cfg.phases.high_res_sizes)
+    return CropSizeSchedule.weighted(choices, seed=cfg.run.seed)
+
+
+def build_phase_loader(dataset: ImageDataset, phase: str, start_step: int, cfg: DistillConfig,
+                       dist_info: runtime.Dist):
+    augment = AugmentConfig(global_scale=cfg.data.global_scale, local_scale=cfg.data.local_scale,
+                            n_local_crops=cfg.data.n_local_crops)
+    return build_loader(
+        dataset, augment, crop_sizes(phase, cfg), batch_size=cfg.data.batch_size, rank=dist_info.rank,
+        world_size=dist_info.world_size, seed=cfg.run.seed, start_step=start_step,
+        num_workers=cfg.data.num_workers, patch_size=16, mask_probability=cfg.data.mask_probability,
+        mask_ratio=cfg.data.mask_ratio, pin_memory=dist_info.device.type == "cuda",
+    )
+
+
+def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
+    """Reject impossible settings before the teacher is read; returns the students with their ranks."""
+    # The data, optimizer and loss checks are train.py's (every student works on the 16-pixel patch grid).
+    train.validate_config(train.TrainConfig(data=cfg.data, optim=cfg.optim, loss=cfg.loss, run=cfg.run), world_size)
+    specs = parse_students(cfg.students, world_size, cfg.data.batch_size * world_size)
+    problems = []
+    if cfg.run.parallel != "ddp":
+        problems.append("run.parallel must be 'ddp': students are data-parallel within their rank groups")
+    if cfg.phases.cooldown_iterations < 0 or cfg.phases.high_res_iterations < 0:
+        problems.append("phases.cooldown_iterations and phases.high_res_iterations must be >= 0")
+    if cfg.phases.high_res_iterations:
+        try:
+            crop_sizes("high_res", cfg)
+        except ValueError as err:
+            problems.append(f"phases.high_res_sizes: {err}")
+    sizes = [cfg.data.global_size, cfg.data.local_size if cfg.data.n_local_crops else cfg.data.global_size]
+    if cfg.phases.high_res_iterations:
+        sizes += [s for g, l, _ in cfg.phases.high_res_sizes for s in (g, l)]
+    for size in sizes:
+        if size % 16:
+            problems.append(f"crop size {size} is not a multiple of the 16-pixel patch")
+    convnexts = [s.arch for s in specs if s.arch in CONVNEXT_ARCHS]
+    if convnexts and min(sizes) < MIN_INPUT_SIZE:
+        problems.append(f"{', '.join(convnexts)} need crops of at least {MIN_INPUT_SIZE} px (total stride 32); "
+                        f"the smallest configured crop is {min(sizes)} px")
+    if cfg.student.feature_head_hidden < 1:
+        problems.append("student.feature_head_hidden must be >= 1")
+    if not cfg.teacher.checkpoint:
+        problems.append("teacher.checkpoint is not set: pass a train.py checkpoint or a backbone file")
+    elif not Path(cfg.teacher.checkpoint).exists():
+        problems.append(f"teacher.checkpoint {cfg.teacher.checkpoint} does not exist "
+                        "(the demo teacher is written by `python train.py`)")
+    if problems:
+        raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(problems))
+    return specs
+
+
+# ====================================================================================================
+# The loop
+# ====================================================================================================
+
+
+def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
+    """Run (or resume) a distillation; returns a summary (also written to <output_dir>/summary.json by rank 0).
+
+    `images` replaces the dataset named by cfg.data.path (tests pass a ProceduralDataset).
+    """
+    dist_info = runtime.setup_distributed(cfg.run.device, cfg.run.dist_timeout_s)
+    out_dir = Path(cfg.run.output_dir)
+    runtime.setup_logging(out_dir, dist_info.is_main)
+    specs = validate_config(cfg, dist_info.world_size)
+    dataset = images if images is not None else build_dataset(cfg.data.path)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    runtime.seed_everything(cfg.run.seed)
+    device = dist_info.device
+
+    teacher = load_teacher(cfg.teacher).to(device)
+    if device.type == "cuda" and cfg.run.bf16:
+        # Inference only: bf16 weights halve the teacher's memory. Buffers (RoPE periods) stay float32.
+        for param in teacher.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    if cfg.run.compile:
+        teacher.backbone.compile()
+    groups = build_groups(specs, dist_info)
+    runs = [setup_student(spec, group, teacher, cfg, dist_info)
+            for spec, group in zip(specs, groups) if dist_info.rank in spec.ranks]
+    # Groups are all ranks or disjoint (parse_students), so this rank's students share one part of the batch.
+    part, n_parts = runs[0].group_rank, runs[0].n_ranks
+    logger.info(f"teacher: {type(teacher.backbone).__name__} {teacher.embed_dim}-d, objective {teacher.objective!r}; "
+                f"students: " + ", ".join(f"{s.name} on ranks {list(s.ranks)}" for s in specs))
+
+    start_step = resume_step(cfg, specs) if cfg.run.resume else 0
+    if start_step:
+        for run in runs:
+            load_student(start_step, run, cfg)
+        logger.info(f"resumed every student at step {start_step}")
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    writer = None
+    if dist_info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out_dir / "tensorboard", purge_step=start_step)
+
+    n_steps = total_steps(cfg)
+    global_batch = cfg.data.batch_size * dist_info.world_size
+    terms = HEADS_TERMS if teacher.objective == "heads" else FEATURE_TERMS
+    # Per step, every student's group-mean loss terms and its seconds per image on one rank, shared by all ranks.
+    history = {spec.name: [] for spec in specs}
+    seconds_per_image = torch.zeros(len(specs), dtype=torch.float64)
+    stop = runtime.StopFlag()
+    stop.install()
+    progress = runtime.Progress(n_steps, start_step)
+    autocast = device.type == "cuda" and cfg.run.bf16
+    step, phase, data_iter, last = start_step, None, None, {}
+    try:
+        while step < n_steps:
+            t0 = time.perf_counter()
+            if phase_at(step, cfg) != phase:  # a phase starts: its crop sizes need their own loader
+                phase = phase_at(step, cfg)
+                data_iter = None  # stops the previous loader's workers
+                data_iter = iter(build_phase_loader(dataset, phase, step, cfg, dist_info))
+            batch = train.to_device(next(data_iter), device)
+            sched = schedules_at(step, cfg)
+
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                teacher_out = teacher(batch["global_crops"])
+            shared = share_batch(batch, teacher_out, part, n_parts, dist_info)
+            del batch, teacher_out
+
+            stats = torch.zeros(len(specs), len(terms) + 1, dtype=torch.float64)
+            for run in runs:
+                t_student = time.perf_counter()
+                values = train_student_step(run, teacher, shared, sched, step, cfg, dist_info)
+                seconds = time.perf_counter() - t_student
+                if run.is_leader:
+                    per_image = seconds * run.n_ranks / global_batch
+                    stats[run.spec.index] = torch.cat([values, torch.tensor([per_image], dtype=torch.float64)])
+            if dist_info.enabled:  # each row is filled by its student's group leader only: a sum gathers them
+                stats = stats.to(device)
+                dist.all_reduce(stats)
+                stats = stats.cpu()
+            step += 1
+
+            seconds = time.perf_counter() - t0
+            seconds_per_image = 0.9 * seconds_per_image + 0.1 * stats[:, -1] if step > start_step + 1 else stats[:, -1]
+            last = {spec.name: dict(zip(terms, stats[spec.index, :-1].tolist())) for spec in specs}
+            for spec in specs:
+                history[spec.name].append(last[spec.name]["total"])
+            if writer is not None:
+                _log_scalars(writer, step, last, stats[:, -1], sched, global_batch / seconds)
+            if dist_info.is_main and (step % cfg.run.log_every == 0 or step == n_steps or step == start_step + 1):
+                eta = runtime.Progress.format_seconds(progress.eta_seconds(step - 1))
+                losses = "  ".join(f"{name} {values['total']:.4f}" for name, values in last.items())
+                logger.info(f"step {step}/{n_steps} [{phase}]  loss {losses}  lr {sched.lr:.2e}  "
+                            f"{global_batch / seconds:.1f} img/s  eta {eta}")
+
+            stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
+            if step % cfg.run.checkpoint_every == 0 or step == n_steps or stop_now:
+                for run in runs:
+                    save_student(step, run, cfg)
+                runtime.barrier(dist_info)
+            if stop_now:
+                logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoints saved at step {step}, "
+                            "exiting")
+                break
+    finally:
+        stop.restore()
+        data_iter = None
+
+    summary = _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info)
+    if writer is not None:
+        writer.close()
+    runtime.barrier(dist_info)
+    return summary
+
+
+def _log_scalars(writer, step: int, last: dict, seconds_per_image: torch.Tensor, sched, images_per_s: float) -> None:
+    for (name, terms), seconds in zip(last.items(), seconds_per_image.tolist()):
+        for term, value in terms.items():
+            writer.add_scalar(f"loss/{name}/{term}", value, step)
+        writer.add_scalar(f"train/{name}/seconds_per_image", seconds, step)
+    writer.add_scalar("schedule/lr", sched.lr, step)
+    writer.add_scalar("schedule/teacher_temp", sched.teacher_temp, step)
+    writer.add_scalar("train/images_per_s", images_per_s, step)
+
+
+def _gather_objects(obj: object, dist_info: runtime.Dist) -> list:
+    if not dist_info.enabled:
+        return [obj]
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info) -> dict:
+    """Teacher forwards per rank, per-student results and parameter digests per rank; rank 0 writes summary.json."""
+    out_dir = Path(cfg.run.output_dir)
+    teacher_images = _gather_objects(teacher.images_seen, dist_info)
+    digests = _gather_objects({run.spec.name: param_digest(run.net) for run in runs}, dist_info)
+    leaders = [run for run in runs if run.is_leader]
+    if step == total_steps(cfg) and leaders:
+        pca_images = train.pca_batch(dataset, cfg, dist_info.device)
+        for run in leaders:
+            save_png(pca_figure(run.net.backbone, pca_images), student_dir(cfg, run.spec) / "pca_features.png")
+    summary = {
+        "step": step,
+        "total_steps": total_steps(cfg),
+        "output_dir": str(out_dir),
+        "objective": teacher.objective,
+        "teacher_images_per_rank": teacher_images,  # each image once per step over all ranks
+        "global_batch": cfg.data.batch_size * dist_info.world_size,
+        "students": {
+            spec.name: {
+                "ranks": list(spec.ranks),
+                "losses": last.get(spec.name, {}),
+                "history": history[spec.name],
+                "seconds_per_image": seconds_per_image[spec.index].item(),
+                "param_digests": {str(r): d[spec.name] for r, d in enumerate(digests) if spec.name in d},
+                "folder": str(student_dir(cfg, spec)),
+                "backbone": str(student_dir(cfg, spec) / "backbone.pth"),
+            }
+            for spec in specs
+        },
+    }
+    if dist_info.world_size >= max(len(specs), 2):  # the layout that balances the measured costs on these ranks
+        counts = suggest_rank_counts(seconds_per_image.tolist(), dist_info.world_size)
+        summary["suggested_students"] = ",".join(f"{spec.name}:{n}" for spec, n in zip(specs, counts))
+    if dist_info.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    try:
+        summary = distill(cfg)
+    finally:
+        runtime.teardown_distributed()
+    if os.environ.get("RANK", "0") == "0":
+        done = "finished" if summary["step"] == summary["total_steps"] else "stopped at step"
+        print(f"\n{done} {summary['step']} of {summary['total_steps']} steps ({summary['objective']} objective); "
+              f"the teacher ran on {sum(summary['teacher_images_per_rank'])} images in this session")
+        for name, result in summary["students"].items():
+            total = result["losses"].get("total", float("nan"))
+            print(f"  {name:<16} final loss {total:.4f}  {result['seconds_per_image'] * 1e3:.1f} ms/image  "
+                  f"backbone: {result['backbone']}")
+        if "suggested_students" in summary:
+            print(f"  rank counts that balance the measured step times: --students {summary['suggested_students']}")
+        print(f"  summary: {Path(summary['output_dir']) / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.vit import add_residual
+from models.vit import add_residual, forward_crops
 
 MaskMode = Literal["ignore", "pixel"]
 
@@ -218,12 +218,7 @@ class ConvNeXt(nn.Module):
         self, x: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | list[torch.Tensor | None] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """One tensor -> one output dict; a list of crop tensors (with a list of masks) -> a list of dicts."""
-        if isinstance(x, torch.Tensor):
-            return self.forward_features_list([x], [masks])[0]
-        masks_list = masks if masks is not None else [None] * len(x)
-        if len(masks_list) != len(x):
-            raise ValueError(f"got {len(x)} crop tensors but {len(masks_list)} masks; pass one mask (or None) per crop")
-        return self.forward_features_list(list(x), list(masks_list))
+        return forward_crops(self.forward_features_list, x, masks)
 
     def get_intermediate_layers(
         self, x: torch.Tensor, n: int | list[int] = 1, reshape: bool = False, return_class_token: bool = False,

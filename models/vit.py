@@ -259,6 +259,17 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def forward_crops(forward_features_list, x, masks):
+    """The forward convention every backbone shares: a tensor gives one output dict, a list of crop tensors
+    (with a list of masks, or None) gives a list of dicts."""
+    if isinstance(x, torch.Tensor):
+        return forward_features_list([x], [masks])[0]
+    masks_list = masks if masks is not None else [None] * len(x)
+    if len(masks_list) != len(x):
+        raise ValueError(f"got {len(x)} crop tensors but {len(masks_list)} masks; pass one mask (or None) per crop")
+    return forward_features_list(list(x), list(masks_list))
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -387,12 +398,7 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | list[torch.Tensor | None] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """One tensor -> one output dict; a list of crop tensors (with a list of masks) -> a list of dicts."""
-        if isinstance(x, torch.Tensor):
-            return self.forward_features_list([x], [masks])[0]
-        masks_list = masks if masks is not None else [None] * len(x)
-        if len(masks_list) != len(x):
-            raise ValueError(f"got {len(x)} crop tensors but {len(masks_list)} masks; pass one mask (or None) per crop")
-        return self.forward_features_list(list(x), list(masks_list))
+        return forward_crops(self.forward_features_list, x, masks)
 
     def get_intermediate_layers(
         self,

@@ -47,8 +47,9 @@ def test_one_step_runs_every_loss_and_all_are_finite(tmp_path):
 
 
 def test_thirty_steps_reduce_the_loss(tmp_path):
+    """The recipe's LayerScale (1e-5; the demo uses 1.0): measured 7.93 -> 7.34 (first vs last 5 steps)."""
     cfg = tiny_config(tmp_path, "--optim.iterations", "30", "--data.batch-size", "8", "--optim.lr", "2e-3",
-                      "--run.checkpoint-every", "1000")
+                      "--model.layerscale-init", "1e-5", "--run.checkpoint-every", "1000")
     history = train.train(cfg, procedural())["history"]
     assert len(history) == 30
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5

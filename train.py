@@ -207,8 +207,6 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
         problems.append(f"data.mask_probability={cfg.data.mask_probability} must be in [0, 1]")
     if cfg.optim.iterations < 1:
         problems.append("optim.iterations must be at least 1")
-    if cfg.loss.centering == "softmax" and world_size > 1:
-        pass  # the EMA center is all-reduced; nothing to reject
     if cfg.run.parallel == "fsdp" and world_size == 1:
         logger.info("parallel=fsdp with one process: sharding over a single rank (works, saves nothing)")
     if problems:

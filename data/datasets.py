@@ -32,6 +32,7 @@ augmentation, sampler and `MaskingCollate` (data/masking.py) together:
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import logging
 import math
@@ -85,14 +86,14 @@ def open_image(path: str | Path, min_side: int | None = None) -> Image.Image:
             return image.convert("RGB")
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset, abc.ABC):
     """Base of the image datasets: `load` decodes, `describe` names an item for messages."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def load(self, index: int, min_side: int | None = None) -> tuple[Image.Image, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(self, index: int, min_side: int | None = None) -> tuple[Image.Image, int]: ...
 
     def describe(self, index: int) -> str:
         return f"{type(self).__name__}[{index}]"

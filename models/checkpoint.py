@@ -219,16 +219,23 @@ def load_backbone(
         cfg_hint = VIT_ARCHS[arch] if isinstance(arch, str) and arch in VIT_ARCHS else arch
         head_dim = cfg_hint.head_dim if isinstance(cfg_hint, ViTConfig) else None
         state_dict = hf_to_official(state_dict, head_dim=head_dim)
-    if arch is None:
-        cfg = infer_config(state_dict)
-    elif isinstance(arch, str):
-        if arch not in VIT_ARCHS:
-            raise ValueError(f"unknown ViT preset {arch!r}; choose one of {', '.join(VIT_ARCHS)}")
-        cfg = VIT_ARCHS[arch]
-    else:
-        cfg = arch
+    cfg = infer_config(state_dict) if arch is None else resolve_preset(arch, VIT_ARCHS, "ViT")
+    return build_with_weights(VisionTransformer, replace(cfg, **overrides), state_dict)
+
+
+def resolve_preset(arch, presets: dict, kind: str):
+    """A config from a preset name of `presets`, or the config itself."""
+    if not isinstance(arch, str):
+        return arch
+    if arch not in presets:
+        raise ValueError(f"unknown {kind} preset {arch!r}; choose one of {', '.join(presets)}")
+    return presets[arch]
+
+
+def build_with_weights(model_cls, cfg, state_dict: StateDict):
+    """`model_cls(cfg)` built without initializing (meta device) and then given `state_dict`, strictly."""
     with torch.device("meta"):
-        model = VisionTransformer(replace(cfg, **overrides))
+        model = model_cls(cfg)
     model = model.to_empty(device="cpu")
     _apply_state_dict(model, state_dict)
     return model

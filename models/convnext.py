@@ -276,7 +276,9 @@ def load_convnext(source: str | Path | dict[str, torch.Tensor], arch: str | Conv
 
     `overrides` set run-time fields such as mask_mode or drop_path_rate.
     """
-    from models.checkpoint import CheckpointError, _apply_state_dict, _strip_prefix, read_checkpoint_file
+    from models.checkpoint import (
+        CheckpointError, _strip_prefix, build_with_weights, read_checkpoint_file, resolve_preset,
+    )
 
     state_dict = read_checkpoint_file(source) if isinstance(source, (str, Path)) else source
     state_dict = _strip_prefix(state_dict)
@@ -285,14 +287,8 @@ def load_convnext(source: str | Path | dict[str, torch.Tensor], arch: str | Conv
             cfg = infer_convnext_config(state_dict)
         except ValueError as err:
             raise CheckpointError(str(err)) from err
-    elif isinstance(arch, str):
-        if arch not in CONVNEXT_ARCHS:
-            raise ValueError(f"unknown ConvNeXt preset {arch!r}; choose one of {', '.join(CONVNEXT_ARCHS)}")
-        cfg = CONVNEXT_ARCHS[arch]
     else:
-        cfg = arch
-    with torch.device("meta"):
-        model = ConvNeXt(replace(cfg, **overrides))
-    model = model.to_empty(device="cpu")
-    _apply_state_dict(model, state_dict)  # clear errors for missing/unexpected keys and shape mismatches
+        cfg = resolve_preset(arch, CONVNEXT_ARCHS, "ConvNeXt")
+    # Strict: clear errors for missing/unexpected keys and shape mismatches.
+    model = build_with_weights(ConvNeXt, replace(cfg, **overrides), state_dict)
     return model

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.bench_sinkhorn import official_sinkhorn
 from kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 
 IMPLS = ["reference", "triton"]
@@ -22,21 +23,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def official_sinkhorn_float64(logits: torch.Tensor, temperature: float, n_iter: int = 3) -> torch.Tensor:
-    """The official teacher centering, step by step, in float64; B_global = every row of `logits`.
-
-    The maximum is subtracted before exp (a global scalar: the mass normalization cancels it exactly).
-    """
-    logits = logits.double()
-    q = torch.exp((logits - logits.max()) / temperature).t()
-    n_protos, n_samples = q.shape
-    q /= q.sum()
-    for _ in range(n_iter):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= n_protos
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n_samples
-    q *= n_samples
-    return q.t()
+    """The official teacher centering, step by step, in float64 with the global max subtracted first."""
+    return official_sinkhorn(logits, temperature, n_iter, dtype=torch.float64, subtract_max=True)
 
 
 def official_sinkhorn_log_float64(logits: torch.Tensor, temperature: float, n_iter: int = 3) -> torch.Tensor:

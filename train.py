@@ -9,6 +9,17 @@ A step, in order: a multi-crop batch (2 global + n local crops per image, iBOT m
 crops, unmasked -> teacher outputs are centered with Sinkhorn-Knopp -> L = L_DINO + L_iBOT + 0.1 L_KoLeo
 -> backward, gradient clipping, AdamW with layer-wise lr decay -> EMA update of the teacher -> log ->
 checkpoint (atomic; resumable exactly).
+
+The later phases are the same loop with more switched on (paper sections 4 and 5.1):
+- Gram anchoring (`--gram.enabled`, presets `gram-anchor`, `demo-gram`): a frozen Gram teacher, a copy of the
+  EMA teacher taken at `gram.start_iteration` (or loaded with `--gram.init-from`) and refreshed to the current
+  EMA teacher every `gram.update_frequency` steps at most `gram.max_updates` times, sees each global crop's
+  region at `data.gram_teacher_size` (2x); its patch map is resampled to the student's grid and the objective
+  gains w_Gram * L_Gram (losses/gram.py).
+- High-resolution adaptation (presets `hrft`, `demo-hrft`): each step draws its (global, local, Gram-teacher)
+  crop sizes from `data.size_schedule` with `data.size_probabilities`, from (seed, step) alone.
+Both start from an earlier run: `--init-from` takes a train.py checkpoint (or run folder) or a released
+DINOv3 backbone.
 """
 
 from __future__ import annotations
@@ -29,13 +40,25 @@ import tyro
 from torch import nn
 
 import runtime
-from data.augment import AugmentConfig, CropSizes
+from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
-from eval import cosine_map_figure, knn_eval, load_eval_images, load_procedural_sets, pca_figure, save_png
+from eval import (
+    TRAIN_CHECKPOINT_FORMAT,
+    backbone_weights,
+    cosine_map_figure,
+    knn_eval,
+    load_eval_images,
+    load_procedural_sets,
+    pca_figure,
+    read_weights,
+    save_png,
+)
 from kernels.common import KernelImpl
 from losses.dino import DINOLoss
+from losses.gram import GramAnchoringLoss, GramTokens, ResizeMode, gram_weight_at
 from losses.ibot import IBOTLoss
 from losses.koleo import DistributedKoLeoLoss
+from models.checkpoint import CheckpointError, load_backbone, read_checkpoint_file
 from models.heads import DINOHead, drop_last_layer_grads
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
 
@@ -75,6 +98,14 @@ class DataConfig:
     local_scale: tuple[float, float] = (0.05, 0.32)
     mask_probability: float = 0.5  # fraction of global crops that get iBOT masks
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # fraction of patches masked in a masked crop
+    # Side of the Gram teacher's crops (same region as each global crop; 2x in the recipe). None: the Gram
+    # teacher sees the global crops themselves. Used only with --gram.enabled.
+    gram_teacher_size: int | None = None
+    gram_teacher_photometric: bool = True  # the Gram teacher's crops get their global crop's color/blur ops
+    # High-resolution adaptation: per-step (global, local, Gram-teacher) sizes drawn with these probabilities;
+    # when set they replace global_size, local_size and gram_teacher_size.
+    size_schedule: tuple[tuple[int, int, int], ...] = ()
+    size_probabilities: tuple[float, ...] = ()
 
 
 @dataclass
@@ -107,6 +138,31 @@ class LossConfig:
     koleo_group_size: int = 16
     student_temp: float = 0.1
     centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    # w of the local-crop DINO terms, cosine from dino_local_weight to dino_local_weight_end over the run
+    # (None: constant). 1.0 is the plain DINO loss; the official configs can down-weight local crops.
+    dino_local_weight: float = 1.0
+    dino_local_weight_end: float | None = None
+
+
+@dataclass
+class GramConfig:
+    """Gram anchoring (paper section 4; recipe: weight 2, update every 10k steps, at most 3 updates)."""
+
+    enabled: bool = False
+    weight: float = 2.0
+    weight_warmup_iterations: int = 0  # linear ramp of the weight from start_iteration
+    # Step at which the loss switches on; without init_from the Gram teacher is the EMA teacher of that step.
+    start_iteration: int = 0
+    # Gram teacher weights instead: a train.py checkpoint or run folder (its EMA teacher), or a released backbone.
+    init_from: str | None = None
+    update_frequency: int = 10_000  # the Gram teacher becomes the current EMA teacher every N steps (0: never)
+    max_updates: int = 3
+    tokens_used: GramTokens = "all"
+    normalize: bool = True
+    remove_neg: bool = False
+    img_level: bool = True  # one Gram matrix per image (False: one over the batch)
+    resize_mode: ResizeMode = "bicubic"  # Gram-teacher patch map -> student grid
+    resize_antialias: bool = False  # the official default
 
 
 @dataclass
@@ -137,7 +193,15 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Start from an earlier run instead of random weights: a train.py checkpoint (or a run folder: its newest
+    # checkpoint) gives student, EMA teacher and heads; a released DINOv3 / Hugging Face backbone gives the
+    # backbones (heads start fresh). Ignored when output_dir already holds a checkpoint to resume.
+    init_from: str | None = None
+    # From a train.py checkpoint the student takes the student's weights ("student": continue where the run
+    # was) or the EMA teacher's ("teacher": the official high-resolution recipe restarts both from the teacher).
+    init_student_from: Literal["student", "teacher"] = "student"
 
 
 def _demo() -> TrainConfig:
@@ -180,12 +244,84 @@ def _vit7b() -> TrainConfig:
     )
 
 
+# The paper's (global, local, Gram-teacher) crop sizes of high-resolution adaptation and their probabilities.
+PAPER_HRFT_SIZES = ((512, 112, 768), (768, 112, 1152), (768, 168, 1152), (768, 224, 1152), (768, 336, 1152))
+PAPER_HRFT_PROBABILITIES = (0.3, 0.3, 0.3, 0.05, 0.05)
+
+
+def _continuation(cfg: TrainConfig, iterations: int, warmup: int) -> TrainConfig:
+    """A later phase of `cfg`'s run: same model and losses, the plateau of its schedules, no last-layer freeze."""
+    optim = dataclasses.replace(cfg.optim, iterations=iterations, warmup_iterations=warmup,
+                                teacher_temp_start=cfg.optim.teacher_temp, teacher_temp_warmup_iterations=0,
+                                freeze_last_layer_iterations=0)
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def _gram_anchor() -> TrainConfig:
+    """Refinement of the 7B (paper section 4): L_Ref = L_DINO + L_iBOT + 0.1 L_KoLeo + 2 L_Gram, Gram teacher
+    refreshed every 10k steps, 3 times at most, fed 2x crops (512 px for 256 px global crops). The paper gives
+    no length for the web model's refinement; 40k steps covers the three updates and 10k steps after the last."""
+    cfg = _continuation(_vit7b(), iterations=40_000, warmup=0)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, gram_teacher_size=512),
+        gram=GramConfig(enabled=True, weight=2.0, update_frequency=10_000, max_updates=3),
+        run=dataclasses.replace(cfg.run, output_dir="runs/gram-anchor"),
+    )
+
+
+def _hrft() -> TrainConfig:
+    """High-resolution adaptation (paper section 5.1): 10k steps, sizes drawn per step from the paper's five
+    triples, Gram loss on with the adapted run's teacher as the (never refreshed) Gram teacher; student and EMA
+    teacher both start from that teacher."""
+    cfg = _continuation(_vit7b(), iterations=10_000, warmup=0)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, size_schedule=PAPER_HRFT_SIZES, size_probabilities=PAPER_HRFT_PROBABILITIES),
+        gram=GramConfig(enabled=True, weight=2.0, update_frequency=0),
+        init_student_from="teacher",
+        run=dataclasses.replace(cfg.run, output_dir="runs/hrft"),
+    )
+
+
+def _demo_gram() -> TrainConfig:
+    """`demo` -> Gram anchoring on CPU: 60 steps from runs/demo, Gram teacher on 2x crops (192 px), refreshed at
+    steps 20 and 40."""
+    cfg = _continuation(_demo(), iterations=60, warmup=0)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, gram_teacher_size=192),
+        gram=GramConfig(enabled=True, weight=2.0, update_frequency=20, max_updates=2),
+        init_from="runs/demo",
+        run=dataclasses.replace(cfg.run, output_dir="runs/demo-gram", checkpoint_every=20, knn_every=60),
+    )
+
+
+def _demo_hrft() -> TrainConfig:
+    """`demo-gram` -> high-resolution adaptation on CPU: 40 steps from runs/demo-gram; the paper's five size
+    triples scaled to the demo (global 128-160 px instead of 512-768, Gram teacher 1.5x as in the paper)."""
+    cfg = _continuation(_demo(), iterations=40, warmup=0)
+    sizes = ((128, 48, 192), (160, 48, 240), (160, 64, 240), (160, 80, 240), (160, 96, 240))
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, size_schedule=sizes, size_probabilities=PAPER_HRFT_PROBABILITIES),
+        gram=GramConfig(enabled=True, weight=2.0, update_frequency=0),
+        init_from="runs/demo-gram",
+        init_student_from="teacher",
+        run=dataclasses.replace(cfg.run, output_dir="runs/demo-hrft", checkpoint_every=20, knn_every=40),
+    )
+
+
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "demo": ("vit_tiny on the bundled sample photos, CPU, a few minutes (the default)", _demo()),
+    "demo-gram": ("Gram anchoring of the demo run (runs/demo), CPU, a few minutes", _demo_gram()),
+    "demo-hrft": ("high-resolution adaptation of runs/demo-gram, CPU, a few minutes", _demo_hrft()),
     "vits16": ("ViT-S/16 on an image folder (--data.path)", _imagenet_style("vit_small", 65536, 64, 0.1)),
     "vitb16": ("ViT-B/16 on an image folder (--data.path)", _imagenet_style("vit_base", 65536, 64, 0.1)),
     "vitl16": ("ViT-L/16 on an image folder (--data.path)", _imagenet_style("vit_large", 65536, 32, 0.3)),
     "vit7b16": ("the paper's ViT-7B/16 pretraining recipe", _vit7b()),
+    "gram-anchor": ("the paper's Gram anchoring (refinement) of a ViT-7B/16 run: needs --init-from", _gram_anchor()),
+    "hrft": ("the paper's high-resolution adaptation of a ViT-7B/16 run: needs --init-from", _hrft()),
 }
 
 
@@ -193,10 +329,10 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     """Reject impossible combinations before any data is read or any weight is built."""
     patch = VIT_ARCHS[cfg.model.arch].patch_size
     problems = []
-    for name in ("global_size", "local_size"):
-        size = getattr(cfg.data, name)
-        if size % patch or size < patch:
-            problems.append(f"data.{name}={size} is not a positive multiple of the patch size {patch}")
+    if cfg.data.global_size % patch or cfg.data.global_size < patch:
+        problems.append(f"data.global_size={cfg.data.global_size} is not a positive multiple of the patch size {patch}")
+    if cfg.data.local_size < patch:  # other sides are fine: the ViT drops the remainder
+        problems.append(f"data.local_size={cfg.data.local_size} is smaller than one {patch} px patch")
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be at least 1 (it is per rank)")
     for name in ("global_scale", "local_scale", "mask_ratio"):
@@ -207,10 +343,45 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
         problems.append(f"data.mask_probability={cfg.data.mask_probability} must be in [0, 1]")
     if cfg.optim.iterations < 1:
         problems.append("optim.iterations must be at least 1")
+    problems += _phase_problems(cfg, patch)
     if cfg.run.parallel == "fsdp" and world_size == 1:
         logger.info("parallel=fsdp with one process: sharding over a single rank (works, saves nothing)")
     if problems:
         raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+
+
+def _phase_problems(cfg: TrainConfig, patch: int) -> list[str]:
+    """What is wrong with the Gram-anchoring and high-resolution settings."""
+    problems = []
+    data, gram = cfg.data, cfg.gram
+    if data.gram_teacher_size is not None and (data.gram_teacher_size % patch or data.gram_teacher_size < patch):
+        problems.append(f"data.gram_teacher_size={data.gram_teacher_size} is not a positive multiple of the patch size {patch}")
+    if len(data.size_schedule) != len(data.size_probabilities):
+        problems.append(f"data.size_schedule has {len(data.size_schedule)} size triples but data.size_probabilities "
+                        f"has {len(data.size_probabilities)} values: give one probability per triple")
+    elif data.size_schedule:
+        if min(data.size_probabilities) < 0 or not math.isclose(sum(data.size_probabilities), 1.0, abs_tol=1e-6):
+            problems.append(f"data.size_probabilities={data.size_probabilities} must be >= 0 and sum to 1")
+        bad = [size for g, local, t in data.size_schedule for size in (g, t) if size % patch or size < patch]
+        bad += [local for _, local, _ in data.size_schedule if local < patch]
+        if bad:
+            problems.append(f"data.size_schedule sizes {sorted(set(bad))} do not fit the patch size {patch}: global and "
+                            "Gram-teacher sizes must be positive multiples of it, local sizes at least one patch")
+    if gram.enabled:
+        if gram.weight < 0 or gram.start_iteration < 0 or gram.update_frequency < 0 or gram.max_updates < 0:
+            problems.append("gram.weight, gram.start_iteration, gram.update_frequency and gram.max_updates must be >= 0")
+        if gram.tokens_used != "all" and gram.img_level:
+            problems.append(f"gram.tokens_used={gram.tokens_used!r} needs --gram.no-img-level (a different number of "
+                            "patches per image: one Gram matrix over the batch)")
+        if cfg.init_from is None and gram.init_from is None and gram.start_iteration == 0:
+            problems.append("the Gram teacher would be the randomly initialized teacher of step 0: pass --init-from "
+                            "(the pretraining checkpoint to refine), --gram.init-from, or --gram.start-iteration > 0")
+        if gram.start_iteration >= cfg.optim.iterations:
+            problems.append(f"gram.start_iteration={gram.start_iteration} is not before optim.iterations="
+                            f"{cfg.optim.iterations}: the Gram loss would never run")
+    if cfg.init_student_from == "teacher" and cfg.init_from is None:
+        problems.append("init_student_from='teacher' needs --init-from (the checkpoint whose teacher to start from)")
+    return problems
 
 
 def parse_config(argv: list[str] | None = None, presets: dict | None = None):
@@ -243,12 +414,14 @@ class SSLNet(nn.Module):
         self.ibot_head = DINOHead(dim, cfg.ibot_prototypes, cfg.ibot_hidden, cfg.ibot_bottleneck)
 
     def forward(self, global_crops, local_crops, masks, mask_indices):
-        """Student pass over all crops; returns head logits and the class tokens KoLeo needs."""
+        """Student pass over all crops: DINO logits of every crop, iBOT logits of the masked patches, the class
+        tokens of the global crops (KoLeo) and their patch tokens [2B, P, C] (Gram anchoring)."""
         crops = [global_crops] + ([local_crops] if local_crops.numel() else [])
         outs = self.backbone(crops, [masks] + [None] * (len(crops) - 1))
         cls_tokens = torch.cat([o["x_norm_clstoken"] for o in outs])  # [2B + nB, C], crop-major
-        masked_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-        return self.dino_head(cls_tokens), self.ibot_head(masked_patches), outs[0]["x_norm_clstoken"]
+        global_patches = outs[0]["x_norm_patchtokens"]
+        masked_patches = global_patches.flatten(0, 1).index_select(0, mask_indices)
+        return self.dino_head(cls_tokens), self.ibot_head(masked_patches), outs[0]["x_norm_clstoken"], global_patches
 
     @torch.no_grad()
     def teacher_forward(self, global_crops, mask_indices):
@@ -263,6 +436,40 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[SSLNet, SSLNet]:
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
+
+
+def build_gram_teacher(cfg: TrainConfig) -> VisionTransformer | None:
+    """The frozen Gram teacher (a backbone only), or None without Gram anchoring. Its weights come from the EMA
+    teacher (`copy_weights`) or from --gram.init-from (`load_gram_teacher`)."""
+    if not cfg.gram.enabled:
+        return None
+    gram_teacher = build_vit(cfg.model.arch, drop_path_rate=0.0, layerscale_init=cfg.model.layerscale_init,
+                             attn_impl=cfg.model.attn_impl, rope_rescale=cfg.model.rope_rescale)
+    return gram_teacher.requires_grad_(False).eval()
+
+
+def gram_teacher_event(step: int, cfg: GramConfig) -> Literal["create", "update"] | None:
+    """Whether the Gram teacher becomes a copy of the EMA teacher before `step` runs: a pure function of the
+    step, so a resumed run repeats the same schedule. "create" at start_iteration (unless the Gram teacher was
+    loaded with init_from), "update" every update_frequency steps after it, max_updates times at most."""
+    if not cfg.enabled:
+        return None
+    if step == cfg.start_iteration and cfg.init_from is None:
+        return "create"
+    since = step - cfg.start_iteration
+    if cfg.update_frequency > 0 and since > 0 and since % cfg.update_frequency == 0:
+        if since // cfg.update_frequency <= cfg.max_updates:
+            return "update"
+    return None
+
+
+@torch.no_grad()
+def copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """dst's parameters := src's (same architecture; FSDP2 shards copied shard by shard)."""
+    _reshard(src)
+    _reshard(dst)
+    for d, s in zip(dst.parameters(), src.parameters(), strict=True):
+        _local(d).copy_(_local(s))
 
 
 @torch.no_grad()
@@ -286,8 +493,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_info: runtime.Dist) -> nn.Module:
-    """DDP around the student, or FSDP2 `fully_shard` per block (student and teacher sharded alike)."""
+def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_info: runtime.Dist,
+                      gram_teacher: VisionTransformer | None = None) -> nn.Module:
+    """DDP around the student, or FSDP2 `fully_shard` per block (student, teacher, Gram teacher sharded alike)."""
     if cfg.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
 
@@ -306,6 +514,10 @@ def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_inf
                 fully_shard(block, mp_policy=mp)
             for part in (net.backbone, net.dino_head, net.ibot_head):
                 fully_shard(part, mp_policy=mp)
+        if gram_teacher is not None:  # sharded like the teacher's backbone, so copy_weights pairs equal shards
+            for block in gram_teacher.blocks:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(gram_teacher, mp_policy=mp)
         return student
     if dist_info.enabled:
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
@@ -364,9 +576,11 @@ class Schedules:
     momentum: float
     teacher_temp: float
     last_layer_frozen: bool
+    dino_local_weight: float = 1.0
+    gram_weight: float = 0.0  # 0: no Gram loss this step (and no Gram-teacher forward)
 
 
-def schedules_at(step: int, cfg: OptimConfig) -> Schedules:
+def schedules_at(step: int, cfg: OptimConfig, loss: LossConfig | None = None, gram: GramConfig | None = None) -> Schedules:
     """Every scheduled value at `step`: a pure function, so resuming needs only the step."""
     if step < cfg.warmup_iterations:
         lr = cfg.lr * step / cfg.warmup_iterations
@@ -381,7 +595,14 @@ def schedules_at(step: int, cfg: OptimConfig) -> Schedules:
         temp = cfg.teacher_temp_start + (cfg.teacher_temp - cfg.teacher_temp_start) * step / cfg.teacher_temp_warmup_iterations
     else:
         temp = cfg.teacher_temp
-    return Schedules(lr, wd, momentum, temp, step < cfg.freeze_last_layer_iterations)
+    local_weight = 1.0
+    if loss is not None:
+        local_weight = loss.dino_local_weight if loss.dino_local_weight_end is None else cosine_between(
+            loss.dino_local_weight, loss.dino_local_weight_end, progress)
+    gram_weight = 0.0
+    if gram is not None and gram.enabled:
+        gram_weight = gram_weight_at(step, gram.weight, gram.start_iteration, gram.weight_warmup_iterations)
+    return Schedules(lr, wd, momentum, temp, step < cfg.freeze_last_layer_iterations, local_weight, gram_weight)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, sched: Schedules) -> None:
@@ -396,7 +617,8 @@ def apply_schedules(optimizer: torch.optim.Optimizer, sched: Schedules) -> None:
 
 
 class SSLLosses(nn.Module):
-    """DINO + iBOT + KoLeo with their teacher centering; the only state is the optional softmax centers."""
+    """DINO + iBOT + KoLeo (+ Gram anchoring) with their teacher centering; the only state is the optional softmax
+    centers."""
 
     def __init__(self, cfg: TrainConfig, process_group=None):
         super().__init__()
@@ -409,32 +631,67 @@ class SSLLosses(nn.Module):
                              sinkhorn_impl=model.kernel_impl, process_group=process_group)
         # Groups of 16 consecutive images of the global batch, even when a group spans ranks.
         self.koleo = DistributedKoLeoLoss(group_size=loss.koleo_group_size, process_group=process_group)
+        gram = cfg.gram
+        self.gram = GramAnchoringLoss(
+            normalize=gram.normalize, remove_neg=gram.remove_neg, img_level=gram.img_level,
+            tokens_used=gram.tokens_used, resize_mode=gram.resize_mode, resize_antialias=gram.resize_antialias,
+            impl=model.kernel_impl,
+        ) if gram.enabled else None
 
-    def forward(self, student_out, teacher_out, batch: dict, teacher_temp: float, n_global: int) -> dict:
-        dino_student, ibot_student, cls_first_global = student_out
+    def forward(self, student_out, teacher_out, batch: dict, teacher_temp: float, n_global: int,
+                dino_local_weight: float = 1.0, gram_targets: tuple | None = None, gram_weight: float = 0.0) -> dict:
+        """gram_targets: (Gram-teacher patch tokens [2B, P_t, C], their grid, the student's grid) for a step with
+        the Gram loss; student_out then holds the student's global-crop patch tokens as its 4th entry."""
+        dino_student, ibot_student, cls_first_global = student_out[:3]
         dino_teacher_logits, ibot_teacher_logits = teacher_out
         dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
         ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
-        dino = self.dino(dino_student, dino_targets, n_global_crops=n_global)
+        dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
         ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=batch["global_crops"].shape[0])
         batch_size = batch["global_crops"].shape[0] // n_global
         koleo = self.koleo(cls_first_global[:batch_size])  # class tokens of the first global crop
         total = self.cfg.dino_weight * dino.loss + self.cfg.ibot_weight * ibot + self.cfg.koleo_weight * koleo
+        terms = {"dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss, "ibot": ibot,
+                 "koleo": koleo}
+        if gram_targets is not None:
+            student_patches = student_out[3]
+            teacher_patches, teacher_grid, student_grid = gram_targets
+            gram = self.gram(student_patches, teacher_patches, student_grid, teacher_grid,
+                             batch["masks"].view(student_patches.shape[:2]))
+            total = total + gram_weight * gram
+            terms["gram"] = gram
         if self.cfg.centering == "softmax":
             self.dino.update_center(dino_teacher_logits)
             self.ibot.update_center(ibot_teacher_logits)
-        return {"total": total, "dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss,
-                "ibot": ibot, "koleo": koleo}
+        return {"total": total, **terms}
 
 
-def forward_losses(model: nn.Module, teacher: SSLNet, losses: SSLLosses, batch: dict, teacher_temp: float,
-                   autocast: bool) -> dict:
-    """Teacher on the global crops, student (possibly DDP-wrapped: `model`) on all crops, and the loss terms."""
+def forward_losses(model: nn.Module, teacher: SSLNet, losses: SSLLosses, batch: dict, sched: Schedules,
+                   autocast: bool, gram_teacher: VisionTransformer | None = None) -> dict:
+    """Teacher on the global crops, student (possibly DDP-wrapped: `model`) on all crops, the Gram teacher on its
+    crops when this step has a Gram loss, and the loss terms."""
     device_type = batch["global_crops"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         teacher_out = teacher.teacher_forward(batch["global_crops"], batch["mask_indices"])
+        gram_targets = None
+        if gram_teacher is not None and sched.gram_weight > 0:
+            gram_targets = gram_teacher_targets(gram_teacher, batch)
         student_out = model(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
-        return losses(student_out, teacher_out, batch, teacher_temp, n_global=2)
+        return losses(student_out, teacher_out, batch, sched.teacher_temp, n_global=2,
+                      dino_local_weight=sched.dino_local_weight, gram_targets=gram_targets,
+                      gram_weight=sched.gram_weight)
+
+
+@torch.no_grad()
+def gram_teacher_targets(gram_teacher: VisionTransformer, batch: dict) -> tuple:
+    """The Gram teacher's patch tokens of its crops (the global crops when there are no separate ones), with
+    their grid and the student's grid."""
+    patch = gram_teacher.patch_size
+    crops = batch.get("gram_teacher_crops", batch["global_crops"])
+    patches = gram_teacher(crops)["x_norm_patchtokens"]
+    grid = (crops.shape[-2] // patch, crops.shape[-1] // patch)
+    student_grid = (batch["global_crops"].shape[-2] // patch, batch["global_crops"].shape[-1] // patch)
+    return patches, grid, student_grid
 
 
 def backward_and_update(total: torch.Tensor, student: SSLNet, teacher: SSLNet, optimizer: torch.optim.Optimizer,
@@ -469,16 +726,24 @@ def _full_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     return model_state, get_optimizer_state_dict(module, optimizer, options=options)
 
 
+def _set_full_state(module: nn.Module, state: dict) -> None:
+    """Load a full (unsharded) state dict into a plain or FSDP2-sharded module, strictly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
 def save_checkpoint(step: int, cfg: TrainConfig, student: SSLNet, teacher: SSLNet, optimizer, losses: SSLLosses,
-                    stats: dict, dist_info: runtime.Dist) -> Path | None:
+                    stats: dict, dist_info: runtime.Dist, gram_teacher: VisionTransformer | None = None) -> Path | None:
     """Every rank takes part (FSDP gathers); rank 0 writes checkpoint + released-format teacher backbone."""
     student_state, optim_state = _full_state(student, optimizer)
     teacher_state = _full_state(teacher)
+    gram_state = _full_state(gram_teacher) if gram_teacher is not None else None
     out_dir = Path(cfg.run.output_dir)
     path = runtime.checkpoint_path(out_dir, step)
     if dist_info.is_main:
         payload = {
-            "format": "dinov3-train-checkpoint",
+            "format": TRAIN_CHECKPOINT_FORMAT,
             "step": step,  # number of completed steps: the next step to run
             "config": dataclasses.asdict(cfg),
             "student": student_state,
@@ -489,6 +754,8 @@ def save_checkpoint(step: int, cfg: TrainConfig, student: SSLNet, teacher: SSLNe
             "stats": stats,
             "rng": runtime.rng_states(),
         }
+        if gram_state is not None:  # a snapshot of an earlier teacher: not recoverable from anything else
+            payload["gram_teacher"] = gram_state
         runtime.atomic_save(payload, path)
         backbone = {k[len("backbone."):]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
         runtime.atomic_save(backbone, out_dir / "teacher_backbone.pth")
@@ -501,36 +768,79 @@ COMPATIBLE_FIELDS = ("model.arch", "model.dino_prototypes", "model.dino_hidden",
                      "model.ibot_prototypes", "model.ibot_hidden", "model.ibot_bottleneck")
 
 
+def _check_compatible(saved: dict, cfg: TrainConfig, path: Path, fix: str) -> None:
+    for dotted in COMPATIBLE_FIELDS:
+        section, name = dotted.split(".")
+        old, new = saved[section][name], getattr(getattr(cfg, section), name)
+        if old != new:
+            raise CheckpointError(f"{path} was trained with {dotted}={old!r} but this run has {new!r}; {fix}")
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig, student: SSLNet, teacher: SSLNet, optimizer,
-                    losses: SSLLosses) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-    from models.checkpoint import CheckpointError, read_checkpoint_file
+                    losses: SSLLosses, gram_teacher: VisionTransformer | None = None) -> dict:
+    """Restore a run from its checkpoint; the payload's "gram_teacher" entry, when there is one, is loaded into
+    `gram_teacher` (the caller decides what a missing one means)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     payload = read_checkpoint_file(path)
-    if payload.get("format") != "dinov3-train-checkpoint":
+    if payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
         kind = "a released-format backbone (weights only)" if "cls_token" in payload else "not a training checkpoint"
         raise CheckpointError(
             f"{path} is {kind}; --run.resume expects a full training checkpoint written by train.py "
             "(to start from backbone weights, use them to initialize a new run instead)"
         )
-    saved = payload["config"]
-    for dotted in COMPATIBLE_FIELDS:
-        section, name = dotted.split(".")
-        old, new = saved[section][name], getattr(getattr(cfg, section), name)
-        if old != new:
-            raise CheckpointError(f"{path} was trained with {dotted}={old!r} but this run has {new!r}; "
-                                  f"use the same value or another --run.output-dir")
+    _check_compatible(payload["config"], cfg, path, "use the same value or another --run.output-dir")
+    _set_full_state(student, payload["student"])
+    _set_full_state(teacher, payload["teacher"])
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(student, payload["student"], options=options)
-    set_model_state_dict(teacher, payload["teacher"], options=options)
     set_optimizer_state_dict(student, optimizer, payload["optimizer"], options=options)
+    if gram_teacher is not None and "gram_teacher" in payload:
+        _set_full_state(gram_teacher, payload["gram_teacher"])
     losses.load_state_dict(payload["losses"])
     runtime.set_rng_states(payload["rng"])
     return payload
+
+
+def resolve_checkpoint_source(source: str, option: str) -> Path:
+    """The file behind --init-from / --gram.init-from: a checkpoint file, or a run folder's newest checkpoint (a
+    Hugging Face save_pretrained folder's model.safetensors). Checked before anything is built."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = runtime.list_checkpoints(path)
+        if found:
+            return found[-1][1]
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        raise CheckpointError(f"{option} {path}: the folder holds no checkpoint_*.pth (nor a model.safetensors); "
+                              "run the earlier phase first (e.g. `python train.py demo` before demo-gram) or pass "
+                              "a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path} does not exist: run the earlier phase first (e.g. `python train.py "
+                                "demo` before demo-gram) or pass the path of a train.py or released checkpoint")
+    return path
+
+
+def initialize_from(path: Path, cfg: TrainConfig, student: SSLNet, teacher: SSLNet) -> None:
+    """Weights of an earlier run for a new one (optimizer, schedules and data stream start afresh)."""
+    payload = read_weights(path)
+    if payload.get("format") == TRAIN_CHECKPOINT_FORMAT:
+        _check_compatible(payload["config"], cfg, path, "set this run's model options to the checkpoint's")
+        _set_full_state(student, payload[cfg.init_student_from])
+        _set_full_state(teacher, payload["teacher"])
+        logger.info(f"initialized from {path} (step {payload['step']}): student from its {cfg.init_student_from}, "
+                    "EMA teacher from its teacher")
+        return
+    weights = load_backbone(payload, cfg.model.arch).state_dict()  # released or Hugging Face layout, checked
+    _set_full_state(student.backbone, weights)
+    _set_full_state(teacher.backbone, weights)
+    logger.info(f"initialized both backbones from {path} (a backbone-only file: DINO and iBOT heads start fresh)")
+
+
+def load_gram_teacher(path: Path, cfg: TrainConfig, gram_teacher: VisionTransformer) -> None:
+    """--gram.init-from: a train.py checkpoint's EMA-teacher backbone, or a released / Hugging Face backbone."""
+    weights = load_backbone(backbone_weights(read_weights(path), str(path)), cfg.model.arch).state_dict()
+    _set_full_state(gram_teacher, weights)
+    logger.info(f"Gram teacher loaded from {path}")
 
 
 # ====================================================================================================
@@ -542,11 +852,27 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _seed_step(student: SSLNet, teacher: SSLNet, seed: int, step: int, rank: int) -> None:
+def _seed_step(student: SSLNet, teacher: SSLNet, seed: int, step: int, rank: int,
+               gram_teacher: VisionTransformer | None = None) -> None:
     """Per-step seeds: the RoPE box is the same on every rank; drop path differs per rank. Resume-proof."""
     student.backbone.rope_embed.seed(runtime.derived_seed(seed, step, 1))
     teacher.backbone.rope_embed.seed(runtime.derived_seed(seed, step, 2))
+    if gram_teacher is not None:
+        gram_teacher.rope_embed.seed(runtime.derived_seed(seed, step, 4))
     torch.manual_seed(runtime.derived_seed(seed, step, 3, rank))
+
+
+def crop_size_schedule(cfg: TrainConfig) -> CropSizeSchedule:
+    """The crop sizes of every step: fixed, or drawn per step from data.size_schedule (same on every rank).
+    Gram-teacher crops are made only when the Gram loss is on and their size differs from the global crops'."""
+    def gram_size(global_size: int, size: int | None) -> int | None:
+        return size if cfg.gram.enabled and size not in (None, global_size) else None
+
+    if cfg.data.size_schedule:
+        choices = tuple(CropSizes(g, l, gram_size(g, t)) for g, l, t in cfg.data.size_schedule)
+        return CropSizeSchedule(choices, tuple(cfg.data.size_probabilities), cfg.run.seed)
+    sizes = CropSizes(cfg.data.global_size, cfg.data.local_size, gram_size(cfg.data.global_size, cfg.data.gram_teacher_size))
+    return CropSizeSchedule((sizes,), (1.0,), cfg.run.seed)
 
 
 def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
@@ -558,7 +884,11 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     out_dir = Path(cfg.run.output_dir)
     runtime.setup_logging(out_dir, dist_info.is_main)
     validate_config(cfg, dist_info.world_size)
-    # A missing or empty dataset raises here, before any model is built.
+    existing = runtime.list_checkpoints(out_dir) if cfg.run.resume else []
+    # Missing weights files and a missing or empty dataset raise here, before any model is built.
+    init_path = resolve_checkpoint_source(cfg.init_from, "--init-from") if cfg.init_from and not existing else None
+    gram_init_path = resolve_checkpoint_source(cfg.gram.init_from, "--gram.init-from") if (
+        cfg.gram.enabled and cfg.gram.init_from) else None
     dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -566,24 +896,40 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     device = dist_info.device
 
     student, teacher = build_student_teacher(cfg)
-    student.to(device)
-    teacher.to(device)
+    gram_teacher = build_gram_teacher(cfg)
+    for net in (student, teacher, gram_teacher):
+        if net is not None:
+            net.to(device)
     losses = SSLLosses(cfg).to(device)
-    model = wrap_for_parallel(student, teacher, cfg.run, dist_info)
+    model = wrap_for_parallel(student, teacher, cfg.run, dist_info, gram_teacher)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2))
 
     start_step, stats = 0, {"nonfinite_skips": 0, "images_skipped": 0}
-    existing = runtime.list_checkpoints(out_dir) if cfg.run.resume else []
+    gram_restored = False
     if existing:
-        payload = load_checkpoint(existing[-1][1], cfg, student, teacher, optimizer, losses)
+        payload = load_checkpoint(existing[-1][1], cfg, student, teacher, optimizer, losses, gram_teacher)
         start_step, stats = payload["step"], payload["stats"]
-        logger.info(f"resumed from {existing[-1][1]} at step {start_step}")
+        gram_restored = "gram_teacher" in payload
+        logger.info(f"resumed from {existing[-1][1]} at step {start_step}"
+                    + (f" (--init-from {cfg.init_from} not used: resuming)" if cfg.init_from else ""))
+    elif init_path is not None:
+        initialize_from(init_path, cfg, student, teacher)
+    if gram_teacher is not None and not gram_restored:
+        if gram_init_path is not None:
+            load_gram_teacher(gram_init_path, cfg, gram_teacher)
+        elif start_step > cfg.gram.start_iteration:
+            raise CheckpointError(
+                f"{existing[-1][1]} holds no Gram teacher, but this run's Gram teacher was due at step "
+                f"{cfg.gram.start_iteration} (gram.start_iteration) and the checkpoint is at step {start_step}: "
+                "pass --gram.init-from with the weights to anchor to, or a later --gram.start-iteration")
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.run.compile:
         student.backbone.compile()
         teacher.backbone.compile()
+        if gram_teacher is not None:
+            gram_teacher.compile()
 
     writer = None
     if dist_info.is_main:
@@ -591,9 +937,10 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
 
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=start_step)
 
-    sizes = CropSizes(cfg.data.global_size, cfg.data.local_size, None)
+    sizes = crop_size_schedule(cfg)
     augment = AugmentConfig(global_scale=cfg.data.global_scale, local_scale=cfg.data.local_scale,
-                            n_local_crops=cfg.data.n_local_crops)
+                            n_local_crops=cfg.data.n_local_crops,
+                            gram_teacher_photometric=cfg.data.gram_teacher_photometric)
     loader = build_loader(
         dataset, augment, sizes, batch_size=cfg.data.batch_size, rank=dist_info.rank,
         world_size=dist_info.world_size, seed=cfg.run.seed, start_step=start_step,
@@ -611,24 +958,30 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     autocast = device.type == "cuda" and cfg.run.bf16
     last: dict = {}
     history: list[float] = []
+    term_history: dict[str, list[float]] = {}  # per loss term; "gram" only from the steps that had the Gram loss
     step = start_step
     data_iter = iter(loader)
     try:
         while step < cfg.optim.iterations:
             t0 = time.perf_counter()
             batch = to_device(next(data_iter), device)
-            sched = schedules_at(step, cfg.optim)
+            sched = schedules_at(step, cfg.optim, cfg.loss, cfg.gram)
             apply_schedules(optimizer, sched)
-            _seed_step(student, teacher, cfg.run.seed, step, dist_info.rank)
+            _seed_step(student, teacher, cfg.run.seed, step, dist_info.rank, gram_teacher)
+            event = gram_teacher_event(step, cfg.gram)
+            if event is not None:
+                copy_weights(gram_teacher, teacher.backbone)
+                logger.info(f"step {step}: Gram teacher {'created from' if event == 'create' else 'updated to'} "
+                            "the EMA teacher")
 
-            terms = forward_losses(model, teacher, losses, batch, sched.teacher_temp, autocast)
+            terms = forward_losses(model, teacher, losses, batch, sched, autocast, gram_teacher)
 
             finite = runtime.all_reduce_max(0.0 if torch.isfinite(terms["total"]).item() else 1.0, dist_info) == 0.0
             if not finite:
                 if not cfg.run.skip_nonfinite or stats["nonfinite_skips"] >= cfg.run.max_nonfinite_skips:
+                    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "total")
                     raise FloatingPointError(
-                        f"loss became {terms['total'].item()} at step {step} "
-                        f"(dino {terms['dino'].item():.4g}, ibot {terms['ibot'].item():.4g}, koleo {terms['koleo'].item():.4g}); "
+                        f"loss became {terms['total'].item()} at step {step} ({parts}); "
                         f"stopping. The last good checkpoint in {out_dir} is intact; lower optim.lr or use "
                         "--run.skip-nonfinite to skip such steps"
                     )
@@ -645,12 +998,16 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
             seconds = time.perf_counter() - t0
             last = {k: v.item() for k, v in terms.items()}
             history.append(last["total"])
+            for name, value in last.items():
+                term_history.setdefault(name, []).append(value)
             if writer is not None:
                 _log_scalars(writer, step, last, sched, grad_norm, seconds, cfg, dist_info, device, stats)
             if dist_info.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.iterations or step == start_step + 1):
                 eta = runtime.Progress.format_seconds(progress.eta_seconds(step - 1))
+                gram = f" gram {last['gram']:.4g}" if "gram" in last else ""
+                crops = f"  crops {batch['global_crops'].shape[-1]}px" if cfg.data.size_schedule else ""
                 logger.info(f"step {step}/{cfg.optim.iterations}  loss {last['total']:.4f} (dino {last['dino']:.4f} "
-                            f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f})  lr {sched.lr:.2e}  "
+                            f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f}{gram})  lr {sched.lr:.2e}{crops}  "
                             f"{cfg.data.batch_size * dist_info.world_size / seconds:.1f} img/s  eta {eta}")
             if cfg.run.pca_every and step % cfg.run.pca_every == 0:
                 log_feature_maps(writer, teacher.backbone, pca_images, step)
@@ -664,7 +1021,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.iterations or stop_now:
-                save_checkpoint(step, cfg, student, teacher, optimizer, losses, stats, dist_info)
+                save_checkpoint(step, cfg, student, teacher, optimizer, losses, stats, dist_info, gram_teacher)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoint saved at step {step}, exiting")
                 break
@@ -672,7 +1029,8 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         stop.restore()
         del data_iter
 
-    summary = {"step": step, "losses": last, "history": history, "output_dir": str(out_dir), "stats": stats}
+    summary = {"step": step, "losses": last, "history": history, "term_history": term_history,
+               "output_dir": str(out_dir), "stats": stats}
     if step == cfg.optim.iterations:
         figure = log_feature_maps(writer, teacher.backbone, pca_images, step)
         if dist_info.is_main:
@@ -709,6 +1067,9 @@ def _log_scalars(writer, step, terms, sched, grad_norm, seconds, cfg, dist_info,
     writer.add_scalar("schedule/weight_decay", sched.weight_decay, step)
     writer.add_scalar("schedule/momentum", sched.momentum, step)
     writer.add_scalar("schedule/teacher_temp", sched.teacher_temp, step)
+    writer.add_scalar("schedule/dino_local_weight", sched.dino_local_weight, step)
+    if cfg.gram.enabled:
+        writer.add_scalar("schedule/gram_weight", sched.gram_weight, step)
     writer.add_scalar("train/grad_norm", float(grad_norm), step)
     writer.add_scalar("train/images_per_s", cfg.data.batch_size * dist_info.world_size / seconds, step)
     writer.add_scalar("train/images_skipped", stats["images_skipped"], step)

@@ -49,7 +49,7 @@ def test_train_step_throughput(benchmark, device, arch, batch, global_size, loca
     autocast = device == "cuda"
 
     def step():
-        terms = train.forward_losses(student, teacher, losses, batch_data, sched.teacher_temp, autocast)
+        terms = train.forward_losses(student, teacher, losses, batch_data, sched, autocast)
         train.backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -72,9 +72,16 @@ class CropSizes:
     gram_teacher_size: int | None = None
 
     def validate(self, patch_size: int) -> None:
+        """Global and Gram-teacher crops must tile into whole patches (masks and the Gram teacher's grid are per
+        patch); a local crop only needs one patch: the ViT drops the remainder, as a stride-16 patch embedding
+        does (the paper's 168 px local crops use 10 x 10 patches)."""
         for name in ("global_size", "local_size", "gram_teacher_size"):
             size = getattr(self, name)
-            if size is not None and (size <= 0 or size % patch_size != 0):
+            if size is None:
+                continue
+            if name == "local_size" and size >= patch_size:
+                continue
+            if size <= 0 or size % patch_size != 0:
                 raise ValueError(
                     f"crop size {name}={size} is not a positive multiple of the patch size {patch_size}: "
                     f"pick a multiple of {patch_size} (e.g. {max(patch_size, size // patch_size * patch_size)})"

@@ -191,8 +191,11 @@ class DINOLoss(SelfDistillationLoss):
     """
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, n_global_crops: int = 2
+        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, n_global_crops: int = 2,
+        local_weight: float = 1.0,
     ) -> DINOLossOutput:
+        """local_weight scales the local-crop terms inside the pair-count-weighted mean (the official
+        `local_loss_weight_schedule`); the reported global_loss / local_loss means stay unweighted."""
         n_student_crops, n_images = self._check(student_logits, teacher_probs, n_global_crops)
         log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
         log_probs = log_probs.view(n_student_crops, n_images, self.out_dim)
@@ -206,7 +209,7 @@ class DINOLoss(SelfDistillationLoss):
         global_terms = ce[:n_global_crops][other_crop]
         local_terms = ce[n_global_crops:].flatten()
         n_terms = global_terms.numel() + local_terms.numel()
-        loss = (global_terms.sum() + local_terms.sum()) / n_terms
+        loss = (global_terms.sum() + local_weight * local_terms.sum()) / n_terms
         global_loss = global_terms.mean() if global_terms.numel() else ce.new_zeros(())
         local_loss = local_terms.mean() if local_terms.numel() else ce.new_zeros(())
         return DINOLossOutput(loss, global_loss, local_loss)

@@ -76,10 +76,16 @@ def test_gram_teacher_crops_and_custom_counts(photo):
     assert out["gram_teacher_crops"].shape == (2, 3, 128, 128)
 
 
-@pytest.mark.parametrize("sizes", [CropSizes(250, 112), CropSizes(256, 100), CropSizes(256, 112, 500)])
+@pytest.mark.parametrize("sizes", [CropSizes(250, 112), CropSizes(256, 8), CropSizes(256, 112, 500)])
 def test_crop_sizes_must_be_patch_multiples(photo, sizes):
     with pytest.raises(ValueError, match="multiple of the patch size 16"):
         MultiCropAugmentation()(photo, sample_rng(0, 0), sizes)
+
+
+def test_local_crops_need_not_be_patch_multiples(photo):
+    """The paper's 168 px local crops (high-resolution adaptation): the ViT uses their 10 x 10 whole patches."""
+    out = MultiCropAugmentation(AugmentConfig(n_local_crops=2))(photo, sample_rng(0, 0), CropSizes(64, 168))
+    assert out["local_crops"].shape == (2, 3, 168, 168)
 
 
 def test_same_seed_and_position_give_identical_crops(photo):

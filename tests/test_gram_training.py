@@ -320,3 +320,23 @@ def test_init_from_a_training_checkpoint_or_a_released_backbone(tmp_path):
         train.initialize_from(released, wrong, small_student, small_teacher)
     with pytest.raises(CheckpointError, match="model.arch='vit_tiny'"):
         train.initialize_from(tmp_path / "pretrain" / "checkpoint_00000002.pth", wrong, small_student, small_teacher)
+
+
+@pytest.mark.slow
+def test_demo_presets_chain_demo_to_gram_to_high_resolution(tmp_path):
+    """The README's CPU chain with the real presets (bundled photos, demo sizes), a few steps per phase."""
+    # PyTorch paths: under the tests' TRITON_INTERPRET=1 the kernels would run interpreted at demo sizes
+    short = ["--optim.iterations", "3", "--run.knn-every", "0", "--data.num-workers", "0", "--model.attn-impl", "sdpa",
+             "--model.kernel-impl", "reference"]
+    demo = train.train(train.parse_config(["demo", *short, "--run.output-dir", str(tmp_path / "demo")]))
+    gram = train.train(train.parse_config(["demo-gram", *short, "--run.output-dir", str(tmp_path / "gram"),
+                                           "--init-from", str(tmp_path / "demo")]))
+    hrft = train.train(train.parse_config(["demo-hrft", *short, "--run.output-dir", str(tmp_path / "hrft"),
+                                           "--init-from", str(tmp_path / "gram")]))
+    assert demo["step"] == gram["step"] == hrft["step"] == 3
+    assert "gram" not in demo["term_history"]
+    for summary in (gram, hrft):
+        assert len(summary["term_history"]["gram"]) == 3
+        assert all(math.isfinite(v) for v in summary["term_history"]["gram"])
+    saved = torch.load(tmp_path / "hrft" / "checkpoint_00000003.pth", weights_only=True)
+    assert saved["config"]["init_from"] == str(tmp_path / "gram") and "gram_teacher" in saved

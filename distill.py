@@ -71,7 +71,15 @@ from eval import pca_figure, save_png
 from kernels.common import KernelImpl
 from losses.ibot import ibot_mask_weights
 from losses.koleo import DistributedKoLeoLoss
-from models.checkpoint import CheckpointError, export_official, load_backbone, read_checkpoint_file
+from models.checkpoint import (
+    DISTILL_FORMAT,
+    TRAIN_CHECKPOINT_FORMAT,
+    CheckpointError,
+    describe_checkpoint,
+    export_official,
+    load_backbone,
+    read_checkpoint_file,
+)
 from models.convnext import CONVNEXT_ARCHS, MIN_INPUT_SIZE, MaskMode, build_convnext
 from models.heads import DINOHead, drop_last_layer_grads
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
@@ -235,11 +243,12 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     if not cfg.checkpoint:
         raise ValueError("teacher.checkpoint is not set: pass a train.py checkpoint or a backbone file")
     payload = _read_teacher_file(Path(cfg.checkpoint))
-    has_heads = payload.get("format") == "dinov3-train-checkpoint"
+    has_heads = payload.get("format") == TRAIN_CHECKPOINT_FORMAT
     objective = cfg.objective if cfg.objective != "auto" else ("heads" if has_heads else "features")
     if objective == "heads" and not has_heads:
-        raise CheckpointError(f"{cfg.checkpoint} holds no DINO/iBOT heads (not a train.py checkpoint): use "
-                              "--teacher.objective features (or auto) to distill its backbone features")
+        raise CheckpointError(f"{cfg.checkpoint} holds no DINO/iBOT heads (it is {describe_checkpoint(payload)}, "
+                              "not a train.py checkpoint): use --teacher.objective features (or auto) to distill its "
+                              "backbone features")
     if has_heads:
         saved = payload["config"]["model"]
         known = {f.name for f in dataclasses.fields(train.ModelConfig)}
@@ -575,26 +584,44 @@ def train_student_step(run: StudentRun, teacher: Teacher, batch: dict, sched: tr
             student_out = run.model(batch["global_crops"], batch["local_crops"], batch["masks"])
             terms = run.losses(student_out, batch)
 
-    finite = _group_max(0.0 if torch.isfinite(terms["total"]).item() else 1.0, run, device) == 0.0
-    if not finite:
-        if not cfg.run.skip_nonfinite or run.nonfinite_skips >= cfg.run.max_nonfinite_skips:
-            raise FloatingPointError(
-                f"{run.spec.name}: loss became {terms['total'].item()} at step {step}; stopping. The last good "
-                f"checkpoint in {Path(cfg.run.output_dir) / run.spec.name} is intact; lower optim.lr or use "
-                "--run.skip-nonfinite to skip such steps")
-        run.nonfinite_skips += 1
-        logger.warning(f"step {step}: {run.spec.name} had a non-finite loss, its update skipped")
-        run.optimizer.zero_grad(set_to_none=True)
-        return torch.full((len(run.terms),), math.nan, dtype=torch.float64)
+    if not _group_finite(terms["total"], run, device):
+        return _nonfinite_step(run, f"loss became {terms['total'].item()}", step, cfg)
 
     run.optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     if sched.last_layer_frozen and teacher.objective == "heads":
         drop_last_layer_grads(run.net.class_head, run.net.patch_head)
-    torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.optim.clip_grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.optim.clip_grad)
+    # A finite loss can still have NaN/inf gradients (an overflow in backward): AdamW would write them into the
+    # weights, and the next checkpoint would hold a broken student.
+    if not _group_finite(grad_norm, run, device):
+        return _nonfinite_step(run, f"gradient norm became {grad_norm.item()}", step, cfg)
     run.optimizer.step()
     values = torch.stack([terms[name].detach().double() for name in run.terms]).to(device)
     return _group_mean(values, run).cpu()
+
+
+def _group_finite(value: torch.Tensor, run: StudentRun, device: torch.device) -> bool:
+    """Whether `value` is finite on every rank of the student's group (they must all take the same branch)."""
+    return _group_max(0.0 if torch.isfinite(value).item() else 1.0, run, device) == 0.0
+
+
+def _nonfinite_step(run: StudentRun, what: str, step: int, cfg: DistillConfig) -> torch.Tensor:
+    """Stop (FloatingPointError) or, with run.skip_nonfinite, skip this student's update and count it; the
+    weights and optimizer state are untouched either way. `step` is 0-based; messages use the 1-based numbers of
+    the progress log and the checkpoint names."""
+    if not cfg.run.skip_nonfinite or run.nonfinite_skips >= cfg.run.max_nonfinite_skips:
+        limit = (f" (the limit of {cfg.run.max_nonfinite_skips} skipped steps is reached)"
+                 if cfg.run.skip_nonfinite else "")
+        raise FloatingPointError(
+            f"{run.spec.name}: {what} at step {step + 1}{limit}; stopping. The last good checkpoint in "
+            f"{Path(cfg.run.output_dir) / run.spec.name} is intact; lower optim.lr or use --run.skip-nonfinite to "
+            "skip such steps")
+    run.nonfinite_skips += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    logger.warning(f"step {step + 1}: {run.spec.name}: {what}, its update skipped "
+                   f"({run.nonfinite_skips} skipped so far, at most {cfg.run.max_nonfinite_skips})")
+    return torch.full((len(run.terms),), math.nan, dtype=torch.float64)
 
 
 def student_dir(cfg: DistillConfig, spec: StudentSpec) -> Path:
@@ -609,7 +636,7 @@ def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
     # cpu_offload returns an empty dict on ranks other than 0, and a group's leader may be any rank.)
     folder = student_dir(cfg, run.spec)
     payload = {
-        "format": "dinov3-distill-checkpoint",
+        "format": DISTILL_FORMAT,
         "step": step,  # completed steps: the next step to run
         "arch": run.spec.arch,
         "objective": run.objective,
@@ -621,7 +648,6 @@ def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
     }
     runtime.atomic_save(payload, runtime.checkpoint_path(folder, step))
     runtime.atomic_save(export_official(run.net.backbone), folder / "backbone.pth")
-    runtime.prune_checkpoints(folder, cfg.run.keep_last)
 
 
 def resume_step(cfg: DistillConfig, specs: list[StudentSpec]) -> int:
@@ -640,8 +666,10 @@ def resume_step(cfg: DistillConfig, specs: list[StudentSpec]) -> int:
 def load_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
     path = runtime.checkpoint_path(student_dir(cfg, run.spec), step)
     payload = read_checkpoint_file(path)
-    if payload.get("format") != "dinov3-distill-checkpoint":
-        raise CheckpointError(f"{path} is not a distill.py checkpoint")
+    if payload.get("format") != DISTILL_FORMAT:
+        raise CheckpointError(f"{path} is {describe_checkpoint(payload)}, but resuming a distillation expects a "
+                              f"distill.py student checkpoint of {run.spec.arch}; move it out of {path.parent} or "
+                              "use another --run.output-dir")
     if payload["arch"] != run.spec.arch or payload["objective"] != run.objective:
         raise CheckpointError(f"{path} holds a {payload['arch']} student trained with the {payload['objective']!r} "
                               f"objective, this run has {run.spec.arch} / {run.objective!r}; use another "
@@ -853,6 +881,11 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
                 for run in runs:
                     save_student(step, run, cfg)
                 runtime.barrier(dist_info)
+                # Old checkpoints go only once every student has this step: a crash between two students' saves
+                # then still leaves a step they all have to resume from, even with run.keep_last = 1.
+                for run in runs:
+                    if run.is_leader:
+                        runtime.prune_checkpoints(student_dir(cfg, run.spec), cfg.run.keep_last)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoints saved at step {step}, "
                             "exiting")

@@ -59,13 +59,12 @@ from data.datasets import (
     ProceduralDataset,
     open_image,
 )
-from models.checkpoint import CheckpointError, load_backbone, read_checkpoint_file
+from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
 
 logger = logging.getLogger("dinov3")
 
 FeatureKind = Literal["cls", "cls+avgpool"]
 
-TRAIN_CHECKPOINT_FORMAT = "dinov3-train-checkpoint"
 HOW_TO_GET_A_CHECKPOINT = (
     "pass --checkpoint PATH: a released DINOv3 backbone (.pth), a Hugging Face DINOv3ViTModel state dict, or a "
     "train.py checkpoint; `make run` trains the demo model and writes runs/demo/teacher_backbone.pth"

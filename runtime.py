@@ -2,7 +2,7 @@
 
 Checkpoints are single files written atomically: torch.save to `<name>.tmp` in the same folder, fsync,
 then os.replace — so a crash or a full disk at any moment leaves either the previous checkpoint or the new
-one, never a torn file; leftover `.tmp` files are ignored (and cleaned) on resume.
+one, never a torn file; leftover `.tmp` files are never taken for checkpoints (and are removed at the next save).
 """
 
 from __future__ import annotations
@@ -132,14 +132,42 @@ def set_rng_states(states: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+class _KeepWriteError:
+    """A file for torch.save that remembers why a write failed: torch's zip writer swallows the OSError of a
+    full disk and raises an opaque RuntimeError ("unexpected pos ...") in its place."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save that never leaves a torn file at `path` (temp file, fsync, rename)."""
+    """torch.save that never leaves a torn file at `path` (temp file, fsync, rename).
+
+    A failed write (full disk, quota, file size limit) removes the temp file and raises an OSError that names
+    the file and says that the previous checkpoint is intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as err:
+                if writer.error is None:
+                    raise
+                raise writer.error from err
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -43,7 +43,6 @@ import runtime
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
 from eval import (
-    TRAIN_CHECKPOINT_FORMAT,
     backbone_weights,
     cosine_map_figure,
     knn_eval,
@@ -58,7 +57,7 @@ from losses.dino import DINOLoss
 from losses.gram import GramAnchoringLoss, GramTokens, ResizeMode, gram_weight_at
 from losses.ibot import IBOTLoss
 from losses.koleo import DistributedKoLeoLoss
-from models.checkpoint import CheckpointError, load_backbone, read_checkpoint_file
+from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
 from models.heads import DINOHead, drop_last_layer_grads
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
 
@@ -457,9 +456,9 @@ def gram_teacher_event(step: int, cfg: GramConfig) -> Literal["create", "update"
     if step == cfg.start_iteration and cfg.init_from is None:
         return "create"
     since = step - cfg.start_iteration
-    if cfg.update_frequency > 0 and since > 0 and since % cfg.update_frequency == 0:
-        if since // cfg.update_frequency <= cfg.max_updates:
-            return "update"
+    if cfg.update_frequency > 0 and since > 0 and since % cfg.update_frequency == 0 \
+            and since // cfg.update_frequency <= cfg.max_updates:
+        return "update"
     return None
 
 
@@ -702,6 +701,10 @@ def backward_and_update(total: torch.Tensor, student: SSLNet, teacher: SSLNet, o
     if sched.last_layer_frozen:  # the prototypes stay where they were initialized for a while
         drop_last_layer_grads(student.dino_head, student.ibot_head)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+    # A finite loss can still have NaN/inf gradients (an overflow in backward): stepping would write them into the
+    # weights and the next checkpoint. The norm is the same on every rank (gradients are reduced before it).
+    if not torch.isfinite(grad_norm).item():
+        return grad_norm  # no update: the loop stops or skips the step
     optimizer.step()
     ema_update(teacher, student, sched.momentum)
     return grad_norm
@@ -793,7 +796,14 @@ def load_checkpoint(path: Path, cfg: TrainConfig, student: SSLNet, teacher: SSLN
     _set_full_state(student, payload["student"])
     _set_full_state(teacher, payload["teacher"])
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_optimizer_state_dict(student, optimizer, payload["optimizer"], options=options)
+    # AdamW has no state yet for parameters that never had a gradient (the prototypes while the last layer is
+    # frozen): load without them (not strict), then drop the placeholder state (step 1, zero moments) the loader
+    # gives them, so that their first update is their first AdamW step, as in a run that was never interrupted.
+    set_optimizer_state_dict(student, optimizer, payload["optimizer"],
+                             options=dataclasses.replace(options, strict=False))
+    for name, param in student.named_parameters():
+        if name not in payload["optimizer"]["state"]:
+            optimizer.state.pop(param, None)
     if gram_teacher is not None and "gram_teacher" in payload:
         _set_full_state(gram_teacher, payload["gram_teacher"])
     losses.load_state_dict(payload["losses"])
@@ -977,38 +987,40 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
             terms = forward_losses(model, teacher, losses, batch, sched, autocast, gram_teacher)
 
             finite = runtime.all_reduce_max(0.0 if torch.isfinite(terms["total"]).item() else 1.0, dist_info) == 0.0
-            if not finite:
+            grad_norm = backward_and_update(terms["total"], student, teacher, optimizer, sched,
+                                            cfg.optim.clip_grad) if finite else None
+            step += 1  # from here on: this step's number in the log and in the checkpoint names
+            if grad_norm is None or not torch.isfinite(grad_norm).item():
+                what = (f"loss became {terms['total'].item()}" if grad_norm is None
+                        else f"gradient norm became {grad_norm.item()}")
                 if not cfg.run.skip_nonfinite or stats["nonfinite_skips"] >= cfg.run.max_nonfinite_skips:
-                    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "total")
+                    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
                     raise FloatingPointError(
-                        f"loss became {terms['total'].item()} at step {step} ({parts}); "
-                        f"stopping. The last good checkpoint in {out_dir} is intact; lower optim.lr or use "
-                        "--run.skip-nonfinite to skip such steps"
+                        f"{what} at step {step} ({parts}); stopping. The last good checkpoint in {out_dir} is "
+                        "intact; lower optim.lr or use --run.skip-nonfinite to skip such steps"
                     )
                 stats["nonfinite_skips"] += 1
-                logger.warning(f"step {step}: non-finite loss, step skipped ({stats['nonfinite_skips']} so far)")
+                logger.warning(f"step {step}: {what}, step skipped ({stats['nonfinite_skips']} so far, at most "
+                               f"{cfg.run.max_nonfinite_skips})")
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                continue
+            else:
+                stats["images_skipped"] += int(batch.get("n_skipped", 0))
 
-            grad_norm = backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
-            step += 1
-            stats["images_skipped"] += int(batch.get("n_skipped", 0))
-
-            seconds = time.perf_counter() - t0
-            last = {k: v.item() for k, v in terms.items()}
-            history.append(last["total"])
-            for name, value in last.items():
-                term_history.setdefault(name, []).append(value)
-            if writer is not None:
-                _log_scalars(writer, step, last, sched, grad_norm, seconds, cfg, dist_info, device, stats)
-            if dist_info.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.iterations or step == start_step + 1):
-                eta = runtime.Progress.format_seconds(progress.eta_seconds(step - 1))
-                gram = f" gram {last['gram']:.4g}" if "gram" in last else ""
-                crops = f"  crops {batch['global_crops'].shape[-1]}px" if cfg.data.size_schedule else ""
-                logger.info(f"step {step}/{cfg.optim.iterations}  loss {last['total']:.4f} (dino {last['dino']:.4f} "
-                            f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f}{gram})  lr {sched.lr:.2e}{crops}  "
-                            f"{cfg.data.batch_size * dist_info.world_size / seconds:.1f} img/s  eta {eta}")
+                seconds = time.perf_counter() - t0
+                last = {k: v.item() for k, v in terms.items()}
+                history.append(last["total"])
+                for name, value in last.items():
+                    term_history.setdefault(name, []).append(value)
+                if writer is not None:
+                    _log_scalars(writer, step, last, sched, grad_norm, seconds, cfg, dist_info, device, stats)
+                if dist_info.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.iterations or step == start_step + 1):
+                    eta = runtime.Progress.format_seconds(progress.eta_seconds(step - 1))
+                    gram = f" gram {last['gram']:.4g}" if "gram" in last else ""
+                    crops = f"  crops {batch['global_crops'].shape[-1]}px" if cfg.data.size_schedule else ""
+                    skipped = f"  {stats['images_skipped']} unusable images skipped" if stats["images_skipped"] else ""
+                    logger.info(f"step {step}/{cfg.optim.iterations}  loss {last['total']:.4f} (dino {last['dino']:.4f} "
+                                f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f}{gram})  lr {sched.lr:.2e}{crops}  "
+                                f"{cfg.data.batch_size * dist_info.world_size / seconds:.1f} img/s  eta {eta}{skipped}")
             if cfg.run.pca_every and step % cfg.run.pca_every == 0:
                 log_feature_maps(writer, teacher.backbone, pca_images, step)
             if cfg.run.knn_every and (step % cfg.run.knn_every == 0 or step == cfg.optim.iterations):

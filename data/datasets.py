@@ -36,6 +36,7 @@ import abc
 import importlib.util
 import logging
 import math
+import signal
 import struct
 import warnings
 from dataclasses import replace
@@ -399,6 +400,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return {**crops, "label": label, "index": index, "position": position, "n_skipped": skipped}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: only the main process decides when to stop.
+
+    A scheduler that stops a job signals every process of it (SLURM, systemd, `kill -- -PGID`, Ctrl-C in a
+    terminal): a worker that died of it would make the main process fail in the middle of the step (or of the
+    checkpoint) it finishes before stopping. The main process shuts its workers down with the loader (the
+    DataLoader's last-resort terminate() of a worker that does not stop in time then has no effect), and a worker
+    whose main process is gone exits by itself (the DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(
     images: ImageDataset,
     augment: AugmentConfig,
@@ -446,4 +459,5 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.vit import VIT_ARCHS, ViTConfig, VisionTransformer
+from models.vit import VIT_ARCHS, VisionTransformer, ViTConfig
 
 StateDict = dict[str, torch.Tensor]
 
@@ -58,16 +58,44 @@ def read_checkpoint_file(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+TRAIN_CHECKPOINT_FORMAT = "dinov3-train-checkpoint"  # train.py's full checkpoints ("format" entry)
+DISTILL_FORMAT = "dinov3-distill-checkpoint"  # distill.py's per-student checkpoints
+
+
+def describe_checkpoint(obj: dict) -> str:
+    """What a loaded checkpoint holds, in words, for error messages: "a train.py training checkpoint (vit_small,
+    step 40)", "a released-format ViT backbone (weights only; embed dim 384, 12 blocks)", ..."""
+    kind = obj.get("format")
+    if kind == TRAIN_CHECKPOINT_FORMAT:
+        config = obj.get("config")
+        arch = config.get("model", {}).get("arch", "?") if isinstance(config, dict) else "?"
+        return f"a train.py training checkpoint ({arch}, step {obj.get('step')})"
+    if kind == DISTILL_FORMAT:
+        return f"a distill.py student checkpoint ({obj.get('arch')}, step {obj.get('step')})"
+    state_dict = _strip_prefix(obj)
+    if "cls_token" in state_dict and "patch_embed.proj.weight" in state_dict:
+        depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+        return (f"a released-format ViT backbone (weights only; embed dim {state_dict['cls_token'].shape[-1]}, "
+                f"{depth} blocks)")
+    if "embeddings.cls_token" in state_dict:
+        return "a Hugging Face DINOv3ViTModel state dict (weights only)"
+    if "downsample_layers.0.0.weight" in state_dict:
+        return "a ConvNeXt backbone (weights only)"
+    return f"a dict of {len(obj)} entries that this codebase does not know (first keys: {', '.join(list(obj)[:6])})"
+
+
 def detect_format(state_dict: StateDict) -> str:
     """'official' (released DINOv3 / ours), 'hf' (transformers DINOv3ViTModel) or a CheckpointError."""
     if "cls_token" in state_dict and "patch_embed.proj.weight" in state_dict:
         return "official"
     if "embeddings.cls_token" in state_dict and "embeddings.patch_embeddings.weight" in state_dict:
         return "hf"
-    sample = ", ".join(list(state_dict)[:6])
+    hint = ("; a train.py checkpoint holds the EMA teacher's backbone under its 'teacher' entry and writes it in "
+            "the released format as teacher_backbone.pth next to itself" if state_dict.get("format") == TRAIN_CHECKPOINT_FORMAT
+            else "")
     raise CheckpointError(
-        "not a ViT backbone state dict in the released DINOv3 or Hugging Face format "
-        f"(first keys: {sample}); a full training checkpoint holds the backbone under its 'teacher' entry"
+        "expected a ViT backbone state dict in the released DINOv3 or Hugging Face format, but this is not a ViT "
+        f"backbone state dict: it is {describe_checkpoint(state_dict)}{hint}"
     )
 
 
@@ -220,7 +248,16 @@ def load_backbone(
         head_dim = cfg_hint.head_dim if isinstance(cfg_hint, ViTConfig) else None
         state_dict = hf_to_official(state_dict, head_dim=head_dim)
     cfg = infer_config(state_dict) if arch is None else resolve_preset(arch, VIT_ARCHS, "ViT")
-    return build_with_weights(VisionTransformer, replace(cfg, **overrides), state_dict)
+    try:
+        return build_with_weights(VisionTransformer, replace(cfg, **overrides), state_dict)
+    except CheckpointError as err:
+        if arch is None:
+            raise
+        name = arch if isinstance(arch, str) else "the given ViT config"
+        raise CheckpointError(
+            f"{describe_checkpoint(state_dict)} was given where {name} (embed dim {cfg.embed_dim}, {cfg.depth} "
+            f"blocks) was expected; {err}"
+        ) from err
 
 
 def resolve_preset(arch, presets: dict, kind: str):
@@ -247,8 +284,8 @@ def export_official(model: VisionTransformer) -> StateDict:
 
 
 def save_official(model: VisionTransformer, path: str | Path) -> None:
-    """Write the released-format backbone atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(export_official(model), tmp)
-    tmp.replace(path)
+    """Write the released-format backbone atomically (runtime.atomic_save: temp file, fsync, rename; a failed
+    write leaves the previous file and no temp file)."""
+    from runtime import atomic_save  # the repository root's shared helpers (entry points import it too)
+
+    atomic_save(export_official(model), Path(path))

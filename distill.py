@@ -790,7 +790,7 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
     specs = validate_config(cfg, dist_info.world_size)
     dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)
     device = dist_info.device
 

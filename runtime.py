@@ -98,6 +98,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_deterministic() -> None:
+    """--run.deterministic: PyTorch's deterministic kernels (a warning where an op has none), a fixed cuBLAS
+    workspace and no cuDNN autotuning. With the per-step seeds, two runs with the same seed and the same layout
+    then compute the same numbers (on the CPU: tested; on GPUs Triton's autotuner may still pick other blocks)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of its integer parts (seed, step, rank, stream...)."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)

@@ -384,9 +384,10 @@ def _phase_problems(cfg: TrainConfig, patch: int) -> list[str]:
 
 
 def parse_config(argv: list[str] | None = None, presets: dict | None = None):
-    """`train.py [preset] [--field value ...]`; without a preset name, `demo`. distill.py passes its presets."""
+    """`train.py [preset] [--field value ...]`; without a preset name, `demo`. distill.py passes its presets.
+    `--deterministic` is short for `--run.deterministic`."""
     presets = PRESETS if presets is None else presets
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--run.deterministic" if arg == "--deterministic" else arg for arg in (sys.argv[1:] if argv is None else argv)]
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["demo", *argv]
     if argv[0] not in presets and not argv[0].startswith("-"):
@@ -901,7 +902,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         cfg.gram.enabled and cfg.gram.init_from) else None
     dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)
     device = dist_info.device
 

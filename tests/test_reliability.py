@@ -105,13 +105,14 @@ def _load(path: Path) -> dict:
 
 
 def test_same_seed_gives_the_same_loss_curve_and_another_seed_does_not(tmp_path):
-    flags = ["--optim.iterations", "6", "--data.batch-size", "4", "--optim.lr", "1e-3", "--run.deterministic",
+    flags = ["--optim.iterations", "6", "--data.batch-size", "4", "--optim.lr", "1e-3", "--deterministic",
              "--run.checkpoint-every", "1000"]
     data = procedural(n=24)
     first = train.train(tiny_config(tmp_path / "a", *flags), data)["history"]
     again = train.train(tiny_config(tmp_path / "b", *flags), data)["history"]
     other = train.train(tiny_config(tmp_path / "c", *flags, "--run.seed", "1"), data)["history"]
     assert len(first) == 6 and first == again  # exactly, not approximately
+    assert torch.are_deterministic_algorithms_enabled()  # --deterministic is --run.deterministic
     assert other != first
 
 

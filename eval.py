@@ -76,18 +76,23 @@ HOW_TO_GET_A_CHECKPOINT = (
 # ====================================================================================================
 
 
-def checkpoint_path_or_error(checkpoint: str | Path | None) -> Path:
+def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> Path:
+    """The file behind a checkpoint argument: the file itself, a train.py run folder's newest checkpoint, or a
+    Hugging Face save_pretrained folder's model.safetensors; errors end with `how_to_get`."""
     if checkpoint is None:
-        raise ValueError(f"no checkpoint given: {HOW_TO_GET_A_CHECKPOINT}")
+        raise ValueError(f"no checkpoint given: {how_to_get}")
     path = Path(checkpoint).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: {HOW_TO_GET_A_CHECKPOINT}")
-    if path.is_dir():  # a Hugging Face save_pretrained folder
+        raise FileNotFoundError(f"checkpoint {path} does not exist: {how_to_get}")
+    if path.is_dir():
+        found = runtime.list_checkpoints(path)
+        if found:
+            return found[-1][1]
         path = path / "model.safetensors"
         if not path.is_file():
             raise CheckpointError(
-                f"folder {path.parent} holds no model.safetensors: pass a checkpoint file, or the folder "
-                "DINOv3ViTModel.save_pretrained wrote (a single, unsharded model.safetensors)"
+                f"folder {path.parent} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors "
+                f"(a DINOv3ViTModel.save_pretrained folder, single and unsharded): {how_to_get}"
             )
     return path
 

@@ -44,6 +44,7 @@ from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
 from eval import (
     backbone_weights,
+    checkpoint_path_or_error,
     cosine_map_figure,
     knn_eval,
     load_eval_images,
@@ -813,22 +814,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig, student: SSLNet, teacher: SSLN
 
 
 def resolve_checkpoint_source(source: str, option: str) -> Path:
-    """The file behind --init-from / --gram.init-from: a checkpoint file, or a run folder's newest checkpoint (a
-    Hugging Face save_pretrained folder's model.safetensors). Checked before anything is built."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        found = runtime.list_checkpoints(path)
-        if found:
-            return found[-1][1]
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
-        raise CheckpointError(f"{option} {path}: the folder holds no checkpoint_*.pth (nor a model.safetensors); "
-                              "run the earlier phase first (e.g. `python train.py demo` before demo-gram) or pass "
-                              "a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{option} {path} does not exist: run the earlier phase first (e.g. `python train.py "
-                                "demo` before demo-gram) or pass the path of a train.py or released checkpoint")
-    return path
+    """The file behind --init-from / --gram.init-from (a file or a run folder), checked before anything is built."""
+    return checkpoint_path_or_error(source, f"{option} needs the earlier phase's output: run it first (e.g. `python "
+                                            "train.py demo` before demo-gram) or pass a train.py or released checkpoint")
 
 
 def initialize_from(path: Path, cfg: TrainConfig, student: SSLNet, teacher: SSLNet) -> None:
@@ -898,8 +886,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     existing = runtime.list_checkpoints(out_dir) if cfg.run.resume else []
     # Missing weights files and a missing or empty dataset raise here, before any model is built.
     init_path = resolve_checkpoint_source(cfg.init_from, "--init-from") if cfg.init_from and not existing else None
+    # (A resumed run takes its Gram teacher from its own checkpoint: --gram.init-from is read only when that lacks one.)
     gram_init_path = resolve_checkpoint_source(cfg.gram.init_from, "--gram.init-from") if (
-        cfg.gram.enabled and cfg.gram.init_from) else None
+        cfg.gram.enabled and cfg.gram.init_from and not existing) else None
     dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
         runtime.make_deterministic()
@@ -926,8 +915,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     elif init_path is not None:
         initialize_from(init_path, cfg, student, teacher)
     if gram_teacher is not None and not gram_restored:
-        if gram_init_path is not None:
-            load_gram_teacher(gram_init_path, cfg, gram_teacher)
+        if cfg.gram.init_from:
+            path = gram_init_path or resolve_checkpoint_source(cfg.gram.init_from, "--gram.init-from")
+            load_gram_teacher(path, cfg, gram_teacher)
         elif start_step > cfg.gram.start_iteration:
             raise CheckpointError(
                 f"{existing[-1][1]} holds no Gram teacher, but this run's Gram teacher was due at step "
@@ -968,7 +958,6 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     progress = runtime.Progress(cfg.optim.iterations, start_step)
     autocast = device.type == "cuda" and cfg.run.bf16
     last: dict = {}
-    history: list[float] = []
     term_history: dict[str, list[float]] = {}  # per loss term; "gram" only from the steps that had the Gram loss
     step = start_step
     data_iter = iter(loader)
@@ -1009,7 +998,6 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
 
                 seconds = time.perf_counter() - t0
                 last = {k: v.item() for k, v in terms.items()}
-                history.append(last["total"])
                 for name, value in last.items():
                     term_history.setdefault(name, []).append(value)
                 if writer is not None:
@@ -1042,7 +1030,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         stop.restore()
         del data_iter
 
-    summary = {"step": step, "losses": last, "history": history, "term_history": term_history,
+    summary = {"step": step, "losses": last, "history": term_history.get("total", []), "term_history": term_history,
                "output_dir": str(out_dir), "stats": stats}
     if step == cfg.optim.iterations:
         figure = log_feature_maps(writer, teacher.backbone, pca_images, step)

@@ -87,11 +87,6 @@ class GramAnchoringLoss(nn.Module):
         self.resize_antialias = resize_antialias
         self.impl = impl
 
-    def teacher_on_student_grid(
-        self, teacher_patches: torch.Tensor, teacher_grid: tuple[int, int], student_grid: tuple[int, int]
-    ) -> torch.Tensor:
-        return resample_patch_grid(teacher_patches, teacher_grid, student_grid, self.resize_mode, self.resize_antialias)
-
     def forward(
         self,
         student_patches: torch.Tensor,
@@ -106,7 +101,8 @@ class GramAnchoringLoss(nn.Module):
                 f"student has {student_patches.shape[1]} patch tokens, not a {student_grid[0]}x{student_grid[1]} grid"
             )
         with torch.no_grad():
-            teacher_patches = self.teacher_on_student_grid(teacher_patches.detach(), teacher_grid, student_grid)
+            teacher_patches = resample_patch_grid(teacher_patches.detach(), teacher_grid, student_grid, self.resize_mode,
+                                                  self.resize_antialias)
         if teacher_patches.shape != student_patches.shape:
             raise ValueError(
                 f"Gram teacher patches {tuple(teacher_patches.shape)} do not match the student's "

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/ -s
+
+# On a machine with a CUDA GPU (uses its own torch/Triton): correctness tests, timings, training steps -> $$OUT.
+gpu-check:
+	bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -9,6 +9,11 @@ x1 for the teacher), plus 2 x tokens x (matmul parameters) for each head (x3 for
 not timed (a batch is prepared once): that is bench_augment's subject.
 """
 
+from __future__ import annotations
+
+import time
+from typing import Callable
+
 import pytest
 import torch
 
@@ -28,13 +33,32 @@ def head_matmul_params(head: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in head.modules() if isinstance(m, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("device, arch, batch, global_size, local_size, prototypes", CASES)
-def test_train_step_throughput(benchmark, device, arch, batch, global_size, local_size, prototypes):
+def timed_steps(steps: int, warmup: int = 2) -> Callable[[Callable[[], None]], float]:
+    """A timer for `measure_train_step`: mean seconds per step over `steps` consecutive steps after `warmup`."""
+
+    def measure(step: Callable[[], None]) -> float:
+        for _ in range(warmup):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+
+    return measure
+
+
+def measure_train_step(
+    device: str, arch: str, batch: int, global_size: int, local_size: int, prototypes: int,
+    measure: Callable[[Callable[[], None]], float], attn_impl: str = "auto", kernel_impl: str = "auto",
+    peak_gflops: float | None = None,
+) -> dict:
+    """Build the model, losses and one batch, time `measure(step)` and return the step's figures."""
     cfg = train.parse_config([
         "demo", "--model.arch", arch, "--model.dino-prototypes", str(prototypes), "--model.ibot-prototypes",
         str(prototypes), "--model.dino-hidden", "2048", "--model.ibot-hidden", "2048", "--model.dino-bottleneck",
         "256", "--model.ibot-bottleneck", "256", "--data.global-size", str(global_size), "--data.local-size",
         str(local_size), "--data.n-local-crops", "8", "--data.batch-size", str(batch), "--run.device", device,
+        "--model.attn-impl", attn_impl, "--model.kernel-impl", kernel_impl,
     ])
     torch.manual_seed(0)
     student, teacher = train.build_student_teacher(cfg)
@@ -54,8 +78,7 @@ def test_train_step_throughput(benchmark, device, arch, batch, global_size, loca
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
-    seconds = benchmark.stats.stats.min
+    seconds = measure(step)
     vit = student.backbone.cfg
     n_masked = int(batch_data["n_masked"])
     student_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size) + vit_forward_flops(
@@ -65,7 +88,18 @@ def test_train_step_throughput(benchmark, device, arch, batch, global_size, loca
     teacher_heads = 2 * (2 * batch * head_matmul_params(student.dino_head) + n_masked * head_matmul_params(student.ibot_head))
     flops = 3 * (student_fwd + heads) + teacher_fwd + teacher_heads
     achieved = flops / seconds / 1e9
-    peak = matmul_peak_gflops(device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-    report(f"train step {arch} {device} b{batch} 2x{global_size}+8x{local_size}", seconds=seconds,
-           images_per_s=batch / seconds, gflop=flops / 1e9, gflops=achieved, peak_gflops=peak, mfu=achieved / peak,
+    if peak_gflops is None:
+        peak_gflops = matmul_peak_gflops(device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    return dict(seconds=seconds, images_per_s=batch / seconds, gflop=flops / 1e9, gflops=achieved,
+                peak_gflops=peak_gflops, mfu=achieved / peak_gflops)
+
+
+@pytest.mark.parametrize("device, arch, batch, global_size, local_size, prototypes", CASES)
+def test_train_step_throughput(benchmark, device, arch, batch, global_size, local_size, prototypes):
+    def measure(step):
+        benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+        return benchmark.stats.stats.min
+
+    figures = measure_train_step(device, arch, batch, global_size, local_size, prototypes, measure)
+    report(f"train step {arch} {device} b{batch} 2x{global_size}+8x{local_size}", **figures,
            threads=torch.get_num_threads())

@@ -18,6 +18,14 @@ with one [tokens, D/2] angle block, and scores split as r1q r1k^T + r2q r2k^T (t
 The rotation is orthogonal, so the backward computes dq and dk in the rotated frame and turns them back
 with the opposite angle.
 
+RoPE: two placements (`rope_mode`). "inline": each program computes the angles, sines and cosines of the tiles
+it loads, so a key block is rotated again by every query block that visits it (D/2 sines and cosines per key
+element per query block, on the special-function unit that also evaluates the softmax's exp2: +50 % of that unit's
+work at BLOCK_M = 128, +100 % at 64). "prerotate": a prologue kernel writes rot(q) and rot(k) once to head-major
+[B, H, N, D] buffers (one read and one write of q and k, two extra buffers alive during the call; the backward
+rotates again rather than keeping them), the attention loops then load plain tiles, and only the finished dq and
+dk tiles are turned back, once per program. Which is faster depends on N (PREROTATE_MIN_TOKENS).
+
 Kernels: a forward (one program per query block and (batch, head), looping over key blocks); a backward
 in the FlashAttention-2 layout without atomics (so it is deterministic): delta = rowsum(dO * O), then one
 program per key block looping over query blocks for dk/dv and one per query block looping over key blocks
@@ -28,19 +36,48 @@ softmax uses exp2. Accumulation is float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import KernelImpl, interpreting, use_triton
+from kernels.common import (
+    KernelImpl,
+    interpreting,
+    launch,
+    new_buffer,
+    quick_benchmark,
+    shared_memory_limit,
+    use_triton,
+)
 from models.rope import apply_rope, rope_angles
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 
+# Where the RoPE rotation happens on the Triton path (module docstring, "RoPE: two placements"). Measured on an
+# H200 (docs/gpu_results.md, bf16, D = 64, forward + backward): the prologue is 1.29x faster at N = 261, 1.59x at
+# 1029 and 1.71x at 4101, and 1.52x slower at N = 54 (112 px local crops), where its extra pass over q and k
+# outweighs the saved sines and cosines. rope_mode=None picks by sequence length at this threshold.
+RopeMode = Literal["inline", "prerotate"]
+PREROTATE_MIN_TOKENS = 128
+
+# fp32 (and fp64) inputs on a GPU: the Triton kernels run tf32x3 dots there, and the first GPU run of them (H200,
+# Triton 3.6, 2026-11-26) ended in an illegal memory access in the forward's autotuning. Until a GPU session finds
+# the faulty tile, "auto" sends 32- and 64-bit attention on CUDA to the PyTorch path (RoPE in torch + SDPA, which
+# has fp32 kernels) and a forced impl="triton" refuses it. The interpreter tests and the compile checks still
+# cover these tiles (tests/test_compile.py).
+FP32_TRITON_ON_GPU = False
+
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _TWO_PI = tl.constexpr(6.283185307179586)
+
+# Integer arguments Triton must not specialize on (by default it compiles separate variants for values divisible
+# by 16 and for 1): with these left generic, every batch, head count and sequence length runs one binary per
+# constexpr set, so a compile cache warmed at any shape serves all of them.
+_SHAPE_ARGS = ["H", "N", "N_TUNE", "n_prefix"]
 
 # Fixed blocks under the interpreter: small enough to be quick, different for the two loop axes so a
 # mix-up between them shows, and smaller than the test sequences so every kernel runs several blocks.
@@ -236,6 +273,54 @@ def _scores(a1, a2, b1, b2, PRECISION: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------
+# RoPE prologue (rope_mode="prerotate"): rotate q and k once, so the attention loops load them as they are
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate_rows_into(
+    x_base, r_base, rows, stride_xn, stride_xd, stride_rn, stride_rd, N, Coords, stride_ct, stride_ca, n_prefix,
+    inv_periods, row_axis, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    x1, x2 = _load_rotated(
+        x_base, rows, stride_xn, stride_xd, N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis, 1.0,
+        HEAD_DIM, True, ACC, ACC, FAST_TRIG, True,
+    )
+    _store_rotated_back(
+        r_base, rows, stride_rn, stride_rd, N, x1, x2, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
+        HEAD_DIM, False, ACC, FAST_TRIG,
+    )
+
+
+@triton.jit(do_not_specialize=["H", "N", "n_prefix"])
+def _rope_prologue_kernel(
+    Q, K, QR, KR, Coords, Periods,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_rb, stride_rn, stride_rh, stride_rd,
+    stride_ct, stride_ca, stride_p,
+    H, N, n_prefix,
+    HEAD_DIM: tl.constexpr, ACC: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """rot(q) and rot(k) for one block of tokens of one (batch, head), into QR and KR (which share strides)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    inv_periods, row_axis = _frequencies(Periods, stride_p, HEAD_DIM, ACC)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_offset = b * stride_rb + h * stride_rh
+    _rotate_rows_into(
+        Q + b * stride_qb + h * stride_qh, QR + r_offset, rows, stride_qn, stride_qd, stride_rn, stride_rd, N,
+        Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis, HEAD_DIM, ACC, FAST_TRIG,
+    )
+    _rotate_rows_into(
+        K + b * stride_kb + h * stride_kh, KR + r_offset, rows, stride_kn, stride_kd, stride_rn, stride_rd, N,
+        Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis, HEAD_DIM, ACC, FAST_TRIG,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
 
@@ -265,7 +350,7 @@ def _fwd_key_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Coords, Periods,
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -273,7 +358,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_on, stride_oh, stride_od,
     stride_ct, stride_ca, stride_p,
-    H, N, n_prefix, qk_scale_log2,
+    H, N, N_TUNE, n_prefix, qk_scale_log2,
     HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -325,7 +410,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N"])
 def _bwd_delta_kernel(
     Out, dOut, Delta,
     stride_ob, stride_on, stride_oh, stride_od,
@@ -348,14 +433,14 @@ def _bwd_delta_kernel(
 def _dkdv_query_block(
     dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, start_m,
     stride_qn, stride_qd, stride_gn, stride_gd, N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROTATE_LOADS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Add one query block's contribution to this key block's dk (rotated frame, unscaled) and dv."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q1, q2 = _load_rotated(
         q_base, rows, stride_qn, stride_qd, N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis, 1.0,
-        HEAD_DIM, HAS_ROPE, ACC, DOT, FAST_TRIG, MASKED,
+        HEAD_DIM, ROTATE_LOADS, ACC, DOT, FAST_TRIG, MASKED,
     )
     do = _load_rows(do_base, rows, stride_gn, stride_gd, N, HEAD_DIM, MASKED).to(DOT)
     if MASKED:
@@ -375,7 +460,7 @@ def _dkdv_query_block(
     return dk1, dk2, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse, Delta, dK, dV, Coords, Periods,
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -384,8 +469,8 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gn, stride_gh, stride_gd,
     stride_db, stride_dn, stride_dh, stride_dd,
     stride_ct, stride_ca, stride_p,
-    H, N, n_prefix, qk_scale_log2, scale,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    H, N, N_TUNE, n_prefix, qk_scale_log2, scale,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ROTATE_LOADS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block: loop over all query blocks, write dk and dv once (no atomics, deterministic)."""
@@ -405,7 +490,7 @@ def _attn_bwd_dkdv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k1, k2 = _load_rotated(
         k_base, cols, stride_kn, stride_kd, N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
-        qk_scale_log2, HEAD_DIM, HAS_ROPE, ACC, DOT, FAST_TRIG, True,
+        qk_scale_log2, HEAD_DIM, ROTATE_LOADS, ACC, DOT, FAST_TRIG, True,
     )
     v = _load_rows(v_base, cols, stride_vn, stride_vd, N, HEAD_DIM, True).to(DOT)
     dk1 = tl.zeros([BLOCK_N, HALF], dtype=ACC)
@@ -416,13 +501,13 @@ def _attn_bwd_dkdv_kernel(
         dk1, dk2, dv = _dkdv_query_block(
             dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, start_m,
             stride_qn, stride_qd, stride_gn, stride_gd, N, Coords, stride_ct, stride_ca, n_prefix,
-            inv_periods, row_axis, HEAD_DIM, HAS_ROPE, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_M, False,
+            inv_periods, row_axis, HEAD_DIM, ROTATE_LOADS, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_M, False,
         )
     if m_full < N:
         dk1, dk2, dv = _dkdv_query_block(
             dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, m_full,
             stride_qn, stride_qd, stride_gn, stride_gd, N, Coords, stride_ct, stride_ca, n_prefix,
-            inv_periods, row_axis, HEAD_DIM, HAS_ROPE, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_M, True,
+            inv_periods, row_axis, HEAD_DIM, ROTATE_LOADS, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_M, True,
         )
 
     dk_base = dK + b * stride_db + h * stride_dh
@@ -439,14 +524,14 @@ def _attn_bwd_dkdv_kernel(
 def _dq_key_block(
     dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, start_n, stride_kn, stride_kd, stride_vn, stride_vd, N,
     Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROTATE_LOADS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Add one key block's contribution to this query block's dq (rotated frame, unscaled)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k1, k2 = _load_rotated(
         k_base, cols, stride_kn, stride_kd, N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis, 1.0,
-        HEAD_DIM, HAS_ROPE, ACC, DOT, FAST_TRIG, MASKED,
+        HEAD_DIM, ROTATE_LOADS, ACC, DOT, FAST_TRIG, MASKED,
     )
     v = _load_rows(v_base, cols, stride_vn, stride_vd, N, HEAD_DIM, MASKED).to(DOT)
     s = _scores(q1, q2, k1, k2, PRECISION)  # log2 units: q carries scale * log2(e)
@@ -460,7 +545,7 @@ def _dq_key_block(
     return dq1, dq2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _attn_bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, dQ, Coords, Periods,
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -469,8 +554,8 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gn, stride_gh, stride_gd,
     stride_db, stride_dn, stride_dh, stride_dd,
     stride_ct, stride_ca, stride_p,
-    H, N, n_prefix, qk_scale_log2, scale,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    H, N, N_TUNE, n_prefix, qk_scale_log2, scale,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, ROTATE_LOADS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block: loop over all key blocks, write dq once."""
@@ -487,7 +572,7 @@ def _attn_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q1, q2 = _load_rotated(
         q_base, rows, stride_qn, stride_qd, N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
-        qk_scale_log2, HEAD_DIM, HAS_ROPE, ACC, DOT, FAST_TRIG, True,
+        qk_scale_log2, HEAD_DIM, ROTATE_LOADS, ACC, DOT, FAST_TRIG, True,
     )
     do = _load_rows(dOut + b * stride_gb + h * stride_gh, rows, stride_gn, stride_gd, N, HEAD_DIM, True).to(DOT)
     valid = rows < N
@@ -500,13 +585,13 @@ def _attn_bwd_dq_kernel(
         dq1, dq2 = _dq_key_block(
             dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, start_n, stride_kn, stride_kd, stride_vn, stride_vd,
             N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
-            HEAD_DIM, HAS_ROPE, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_N, False,
+            HEAD_DIM, ROTATE_LOADS, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_N, False,
         )
     if n_full < N:
         dq1, dq2 = _dq_key_block(
             dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, n_full, stride_kn, stride_kd, stride_vn, stride_vd,
             N, Coords, stride_ct, stride_ca, n_prefix, inv_periods, row_axis,
-            HEAD_DIM, HAS_ROPE, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_N, True,
+            HEAD_DIM, ROTATE_LOADS, ACC, DOT, PRECISION, FAST_TRIG, BLOCK_N, True,
         )
     dq_base = dQ + b * stride_db + h * stride_dh
     _store_rotated_back(
@@ -520,51 +605,100 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-# Candidate (outer block, inner block, num_warps) per head dim, for each kernel. "Outer" is the block a program
-# owns (queries for the forward and dq, keys for dk/dv), "inner" the block its loop walks. These are the
-# shapes that compile without register spills for sm_90 (ptxas -v, Triton 3.8, bf16, num_stages 2 and 3);
-# larger tiles spill, above all at D = 128 where the accumulators alone take half the register file.
-# Autotune picks among them, times num_stages 2/3, per (N, D, dtype, RoPE or not) on the device.
+# Candidate (outer block, inner block, num_warps) per operand width and head dim, for each kernel. "Outer" is the
+# block a program owns (queries for the forward and dq, keys for dk/dv), "inner" the block its loop walks.
+# Autotune times num_stages 2/3 of the shapes whose shared memory fits the GPU, per (N bucket, D, dtype, RoPE).
+# 16-bit: shapes that compile without register spills for sm_90 in both RoPE placements (bench/compile_sweep.py,
+# Triton 3.8); larger tiles spill, above all at D = 128 where the accumulators alone take half the register file.
+# 32-bit: fp32 inputs ask for fp32 accuracy, so the dots run as tf32x3 (each operand split into a high and a low
+# TF32 half, three MMAs per product): about twice the registers and shared memory of a 16-bit tile. These are the
+# shapes with the fewest spills on sm_90 and sm_80 (compile sweep): the forward spills nothing at D <= 64 and
+# 272-648 bytes per thread at D = 128; the backward 0.3-0.8 KB at D = 64 and 1.8-3.3 KB at D = 128 (local memory,
+# L1/L2-cached). What that costs in time is in docs/gpu_results.md (fp32 rows).
 _FWD_SHAPES = {
-    32: [(64, 64, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)],
-    64: [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)],
-    128: [(64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8)],
+    ("16-bit", 32): [(64, 64, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)],
+    ("16-bit", 64): [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)],
+    ("16-bit", 128): [(64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8)],
+    ("32-bit", 32): [(64, 16, 8), (32, 32, 8)],
+    ("32-bit", 64): [(64, 16, 8), (128, 16, 8), (32, 32, 8)],
+    ("32-bit", 128): [(128, 16, 8), (32, 32, 8)],
 }
 _DKDV_SHAPES = {
-    32: [(64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)],
-    64: [(64, 32, 4), (64, 64, 8), (128, 16, 8), (128, 32, 8)],
-    128: [(64, 16, 8), (64, 32, 8)],
+    ("16-bit", 32): [(64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)],
+    ("16-bit", 64): [(64, 32, 4), (64, 64, 8), (128, 16, 8), (128, 32, 8)],
+    ("16-bit", 128): [(64, 16, 8), (64, 32, 8)],
+    ("32-bit", 32): [(64, 16, 8), (128, 16, 8)],
+    ("32-bit", 64): [(64, 16, 8), (128, 16, 8)],
+    ("32-bit", 128): [(32, 32, 8), (32, 16, 4)],
 }
 _DQ_SHAPES = {
-    32: [(64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)],
-    64: [(64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)],
-    128: [(64, 32, 8), (64, 64, 8), (128, 16, 8), (128, 32, 8)],
+    ("16-bit", 32): [(64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)],
+    ("16-bit", 64): [(64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)],
+    ("16-bit", 128): [(64, 32, 8), (64, 64, 8), (128, 16, 8), (128, 32, 8)],
+    ("32-bit", 32): [(32, 16, 4), (128, 16, 8)],
+    ("32-bit", 64): [(32, 16, 4), (128, 16, 8)],
+    ("32-bit", 128): [(64, 16, 8), (32, 32, 8)],
 }
 
 
-def _autotuned(kernel, shapes: dict[int, list[tuple[int, int, int]]], outer_name: str, inner_name: str):
-    """The kernel autotuned over its head dim's shapes x num_stages 2/3, keyed on N, D, dtype and RoPE."""
-    all_shapes = sorted({shape for per_dim in shapes.values() for shape in per_dim})
+def _tuning_bucket(n_tokens: int) -> int:
+    """The sequence length as the autotune key sees it: the next power of two, so nearby lengths (the five sizes
+    of high-resolution adaptation, say) share one tuning instead of each re-timing every config."""
+    return max(64, triton.next_power_of_2(n_tokens))
+
+
+def _operand_width(dot_dtype) -> str:
+    return "32-bit" if dot_dtype in (tl.float32, tl.float64) else "16-bit"
+
+
+def _shared_memory(kernel, named_args: dict, constexprs: dict, config: triton.Config) -> int:
+    """Shared memory one program of `config` needs, from compiling it for the target (Triton caches the result,
+    so autotuning reuses the compile). 0 when the compile API is not available: autotuning then skips a config
+    that does not fit by itself (it catches the launch's out-of-resources error)."""
+    args = [named_args[name] for name in kernel.arg_names if name in named_args]
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **constexprs, **config.all_kwargs())
+    except (TypeError, AttributeError):
+        return 0
+    return compiled.metadata.shared
+
+
+def _autotuned(kernel, shapes: dict, outer_name: str, inner_name: str, key: list[str]):
+    """The kernel autotuned over its shapes x num_stages 2/3, pruned to its operand width and head dim and to
+    the configs whose shared memory fits the GPU (so a config that cannot launch is never tried)."""
+    all_shapes = sorted({shape for per_case in shapes.values() for shape in per_case})
     configs = [
         triton.Config({outer_name: outer, inner_name: inner}, num_warps=warps, num_stages=stages)
         for outer, inner, warps in all_shapes
         for stages in (2, 3)
     ]
 
-    def for_head_dim(configs, named_args, **kwargs):
-        allowed = shapes[kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))]
-        return [c for c in configs if (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps) in allowed]
+    def prune(configs, named_args, **constexprs):
+        allowed = shapes[(_operand_width(constexprs["DOT"]), constexprs["HEAD_DIM"])]
+        candidates = [c for c in configs if (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps) in allowed]
+        limit = shared_memory_limit()
+        kept = [c for c in candidates if _shared_memory(kernel, named_args, constexprs, c) <= limit]
+        if not kept:
+            raise RuntimeError(
+                f"rope_attention: none of the {kernel.__name__} tiles for D={constexprs['HEAD_DIM']} and "
+                f"{constexprs['DOT']} fits this GPU's {limit} bytes of shared memory; use impl='reference'"
+            )
+        return kept
 
     # Every kernel writes each output element exactly once (nothing accumulates into an output across
     # launches), so re-running it for each autotune trial cannot corrupt the result.
     return triton.autotune(
-        configs, key=["N", "HEAD_DIM", "HAS_ROPE", "PRECISION"], prune_configs_by={"early_config_prune": for_head_dim}
+        configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=quick_benchmark
     )(kernel)
 
 
-_attn_fwd_tuned = _autotuned(_attn_fwd_kernel, _FWD_SHAPES, "BLOCK_M", "BLOCK_N")
-_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_SHAPES, "BLOCK_N", "BLOCK_M")
-_attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq_kernel, _DQ_SHAPES, "BLOCK_M", "BLOCK_N")
+_attn_fwd_tuned = _autotuned(_attn_fwd_kernel, _FWD_SHAPES, "BLOCK_M", "BLOCK_N", ["N_TUNE", "HEAD_DIM", "HAS_ROPE"])
+_attn_bwd_dkdv_tuned = _autotuned(
+    _attn_bwd_dkdv_kernel, _DKDV_SHAPES, "BLOCK_N", "BLOCK_M", ["N_TUNE", "HEAD_DIM", "HAS_ROPE", "ROTATE_LOADS"]
+)
+_attn_bwd_dq_tuned = _autotuned(
+    _attn_bwd_dq_kernel, _DQ_SHAPES, "BLOCK_M", "BLOCK_N", ["N_TUNE", "HEAD_DIM", "HAS_ROPE", "ROTATE_LOADS"]
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -587,13 +721,6 @@ def _precision_flags(dtype: torch.dtype) -> dict:
     # MUFU sin/cos (PTX inline asm) on the GPU in fp32; the interpreter and fp64 use the exact functions.
     fast_trig = (not interp) and acc == tl.float32
     return dict(ACC=acc, DOT=dot, PRECISION=precision, FAST_TRIG=fast_trig)
-
-
-def _new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output storage; NaN-filled under the interpreter (the tests) so an element no kernel wrote shows up."""
-    if interpreting():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _rope_args(q: torch.Tensor, coords: torch.Tensor | None, periods: torch.Tensor | None):
@@ -620,52 +747,65 @@ def _check_triton_inputs(q: torch.Tensor) -> None:
         raise ValueError(f"rope_attention: the Triton kernel takes fp16, bf16, fp32 or fp64 inputs, got {q.dtype}")
 
 
-def _launch(kernel, tuned, grid_outer_block: str, n_tokens: int, batch_heads: int, args: tuple, constexprs: dict):
-    """Autotuned kernel on the GPU; the bare kernel with fixed small blocks under the interpreter."""
-    if interpreting():
-        blocks = {"BLOCK_M": _INTERPRETER_BLOCK_OUTER, "BLOCK_N": _INTERPRETER_BLOCK_INNER}
-        if grid_outer_block == "BLOCK_N":
-            blocks = {"BLOCK_N": _INTERPRETER_BLOCK_OUTER, "BLOCK_M": _INTERPRETER_BLOCK_INNER}
-        grid = (triton.cdiv(n_tokens, blocks[grid_outer_block]), batch_heads)
-        kernel[grid](*args, **constexprs, **blocks)
-    else:
-        tuned[lambda meta: (triton.cdiv(n_tokens, meta[grid_outer_block]), batch_heads)](*args, **constexprs)
+def _launch(tuned, grid_outer_block: str, n_tokens: int, batch_heads: int, args: tuple, constexprs: dict):
+    """An autotuned attention kernel over (token blocks of the outer axis, B * H)."""
+    blocks = {"BLOCK_M": _INTERPRETER_BLOCK_OUTER, "BLOCK_N": _INTERPRETER_BLOCK_INNER}
+    if grid_outer_block == "BLOCK_N":
+        blocks = {"BLOCK_N": _INTERPRETER_BLOCK_OUTER, "BLOCK_M": _INTERPRETER_BLOCK_INNER}
+    grid = lambda meta: (triton.cdiv(n_tokens, meta[grid_outer_block]), batch_heads)  # noqa: E731
+    launch(tuned, grid, *args, interpreter_blocks=blocks, **constexprs)
+
+
+def _prerotate(q, k, coords, periods, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rot(q), rot(k) as [B, N, H, D] views of head-major [B, H, N, D] buffers in q's dtype (one prologue launch)."""
+    B, N, H, D = q.shape
+    qr = new_buffer((B, H, N, D), q.dtype, q.device).transpose(1, 2)
+    kr = new_buffer((B, H, N, D), q.dtype, q.device).transpose(1, 2)
+    flags = _precision_flags(q.dtype)
+    block = _INTERPRETER_BLOCK_OUTER if interpreting() else 64
+    launch(_rope_prologue_kernel, (triton.cdiv(N, block), B * H),
+           q, k, qr, kr, coords, periods, *q.stride(), *k.stride(), *qr.stride(),
+           coords.stride(0), coords.stride(1), periods.stride(0), H, N, n_prefix,
+           HEAD_DIM=D, ACC=flags["ACC"], FAST_TRIG=flags["FAST_TRIG"], BLOCK_M=block)
+    return qr, kr
 
 
 def _forward(q, k, v, coords, periods, n_prefix: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and log-sum-exp; RoPE in the loop when coords are given (pass prerotated q, k with coords=None)."""
     B, N, H, D = q.shape
-    out = _new_buffer((B, N, H, D), q.dtype, q.device)
+    out = new_buffer((B, N, H, D), q.dtype, q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = _new_buffer((B, H, N), lse_dtype, q.device)
+    lse = new_buffer((B, H, N), lse_dtype, q.device)
     coords_t, periods_t, rope_strides = _rope_args(q, coords, periods)
     args = (
         q, k, v, out, lse, coords_t, periods_t,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *rope_strides,
-        H, N, n_prefix, scale * math.log2(math.e),
+        H, N, _tuning_bucket(N), n_prefix, scale * math.log2(math.e),
     )
     flags = dict(HEAD_DIM=D, HAS_ROPE=coords is not None, **_precision_flags(q.dtype))
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, "BLOCK_M", N, B * H, args, flags)
+    _launch(_attn_fwd_tuned, "BLOCK_M", N, B * H, args, flags)
     return out, lse
 
 
-def _backward(q, k, v, out, lse, grad_out, coords, periods, n_prefix: int, scale: float):
+def _backward(q, k, v, out, lse, grad_out, coords, periods, n_prefix: int, scale: float, rotate_loads: bool):
+    """dq, dk, dv. rotate_loads=False: q and k come prerotated and only the gradients are turned back."""
     B, N, H, D = q.shape
-    flags = dict(HEAD_DIM=D, HAS_ROPE=coords is not None, **_precision_flags(q.dtype))
-    delta = _new_buffer((B, H, N), lse.dtype, q.device)
+    flags = dict(HEAD_DIM=D, HAS_ROPE=coords is not None, ROTATE_LOADS=coords is not None and rotate_loads,
+                 **_precision_flags(q.dtype))
+    delta = new_buffer((B, H, N), lse.dtype, q.device)
     delta_block = _INTERPRETER_BLOCK_OUTER if interpreting() else 64
-    _bwd_delta_kernel[(triton.cdiv(N, delta_block), B * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, N,
-        HEAD_DIM=D, ACC=flags["ACC"], BLOCK_M=delta_block,
-    )
-    dq = _new_buffer((B, N, H, D), q.dtype, q.device)
-    dk = _new_buffer((B, N, H, D), q.dtype, q.device)
-    dv = _new_buffer((B, N, H, D), q.dtype, q.device)
+    launch(_bwd_delta_kernel, (triton.cdiv(N, delta_block), B * H),
+           out, grad_out, delta, *out.stride(), *grad_out.stride(), H, N,
+           HEAD_DIM=D, ACC=flags["ACC"], BLOCK_M=delta_block)
+    dq = new_buffer((B, N, H, D), q.dtype, q.device)
+    dk = new_buffer((B, N, H, D), q.dtype, q.device)
+    dv = new_buffer((B, N, H, D), q.dtype, q.device)
     coords_t, periods_t, rope_strides = _rope_args(q, coords, periods)
     shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *rope_strides,
-              H, N, n_prefix, scale * math.log2(math.e), scale)
-    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, "BLOCK_N", N, B * H,
+              H, N, _tuning_bucket(N), n_prefix, scale * math.log2(math.e), scale)
+    _launch(_attn_bwd_dkdv_tuned, "BLOCK_N", N, B * H,
             (q, k, v, grad_out, lse, delta, dk, dv, coords_t, periods_t, *shared), flags)
-    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, "BLOCK_M", N, B * H,
+    _launch(_attn_bwd_dq_tuned, "BLOCK_M", N, B * H,
             (q, k, v, grad_out, lse, delta, dq, coords_t, periods_t, *shared), flags)
     return dq, dk, dv
 
@@ -674,17 +814,26 @@ class RopeAttentionFunction(torch.autograd.Function):
     """Triton forward/backward; gradients flow to q, k, v (coords and periods are data, not parameters)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, coords, periods, n_prefix: int, scale: float):
-        out, lse = _forward(q, k, v, coords, periods, n_prefix, scale)
+    def forward(ctx, q, k, v, coords, periods, n_prefix: int, scale: float, prerotate: bool):
+        prerotate = prerotate and coords is not None
+        if prerotate:
+            q_rot, k_rot = _prerotate(q, k, coords, periods, n_prefix)
+            out, lse = _forward(q_rot, k_rot, v, None, None, n_prefix, scale)
+        else:
+            out, lse = _forward(q, k, v, coords, periods, n_prefix, scale)
         ctx.save_for_backward(q, k, v, out, lse, coords, periods)
-        ctx.n_prefix, ctx.scale = n_prefix, scale
+        ctx.n_prefix, ctx.scale, ctx.prerotate = n_prefix, scale, prerotate
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, coords, periods = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out, coords, periods, ctx.n_prefix, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        if ctx.prerotate:  # rotated again rather than saved: two [B, N, H, D] tensors less held for the backward
+            q, k = _prerotate(q, k, coords, periods, ctx.n_prefix)
+        dq, dk, dv = _backward(
+            q, k, v, out, lse, grad_out, coords, periods, ctx.n_prefix, ctx.scale, rotate_loads=not ctx.prerotate
+        )
+        return dq, dk, dv, None, None, None, None, None
 
 
 def rope_attention(
@@ -696,6 +845,7 @@ def rope_attention(
     n_prefix: int,
     scale: float | None = None,
     impl: KernelImpl = "auto",
+    rope_mode: RopeMode | None = None,
 ) -> torch.Tensor:
     """softmax(rot(q) rot(k)^T * scale) v for q, k, v of shape [B, N, H, D] (any strides).
 
@@ -703,12 +853,26 @@ def rope_attention(
     coords=None (with periods=None) means plain attention. The first n_prefix tokens are not rotated.
     scale defaults to 1/sqrt(D). Returns a contiguous [B, N, H, D] tensor in q's dtype.
     impl: "auto" runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1) and the reference otherwise.
+    rope_mode (Triton only): "inline" computes the angles in the attention loops, "prerotate" rotates q and k once
+    in a prologue kernel; None picks "prerotate" from PREROTATE_MIN_TOKENS tokens on, "inline" below.
+    fp32/fp64 on CUDA: see FP32_TRITON_ON_GPU ("auto" runs the reference there).
     """
     _check_inputs(q, k, v, coords, periods, n_prefix)
+    if rope_mode is None:
+        rope_mode = "prerotate" if q.shape[1] >= PREROTATE_MIN_TOKENS else "inline"
+    if rope_mode not in ("inline", "prerotate"):
+        raise ValueError(f"rope_attention: rope_mode must be 'inline' or 'prerotate', got {rope_mode!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"rope_attention: scale must be a finite number, got {scale}")
-    if not use_triton(q, impl, "rope_attention"):
+    wide_on_gpu = q.is_cuda and q.dtype in (torch.float32, torch.float64) and not FP32_TRITON_ON_GPU
+    if wide_on_gpu and impl == "triton":
+        raise RuntimeError(
+            f"rope_attention: the Triton kernel is disabled for {q.dtype} on GPUs (its first GPU run hit an illegal "
+            "memory access; see FP32_TRITON_ON_GPU in kernels/rope_attention.py); use bf16/fp16 inputs (autocast) "
+            "or impl='reference'"
+        )
+    if wide_on_gpu or not use_triton(q, impl, "rope_attention"):
         return rope_attention_reference(q, k, v, coords, periods, n_prefix, scale)
     _check_triton_inputs(q)
-    return RopeAttentionFunction.apply(q, k, v, coords, periods, n_prefix, scale)
+    return RopeAttentionFunction.apply(q, k, v, coords, periods, n_prefix, scale, rope_mode == "prerotate")

@@ -105,11 +105,13 @@ def attention(
     """softmax(rot(q) rot(k)^T / sqrt(D)) v for q, k, v of shape [B, N, H, D]; returns [B, N, H, D].
 
     q, k, v are typically strided views of the qkv projection's [B, N, 3, H, D] output. RoPE rotates the
-    tokens after the first `n_prefix` (class + registers). `auto` is the Triton kernel on CUDA and SDPA
-    (RoPE in PyTorch, float32, then `scaled_dot_product_attention`) elsewhere.
+    tokens after the first `n_prefix` (class + registers). `auto` is the Triton kernel for bf16/fp16 on CUDA
+    and SDPA (RoPE in PyTorch, float32, then `scaled_dot_product_attention`) otherwise (fp32 on CUDA: see
+    kernels.rope_attention.FP32_TRITON_ON_GPU).
     """
     if impl == "auto":
-        impl = "triton" if q.is_cuda and triton_importable() else "sdpa"
+        sixteen_bit = q.dtype in (torch.float16, torch.bfloat16)
+        impl = "triton" if q.is_cuda and sixteen_bit and triton_importable() else "sdpa"
     if impl == "triton":
         from kernels.rope_attention import rope_attention
 

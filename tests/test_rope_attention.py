@@ -35,11 +35,13 @@ def make_qkv(batch: int, n_tokens: int, heads: int, head_dim: int, dtype: torch.
     return torch.randn(batch, n_tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def check_against_float64(qkv: torch.Tensor, coords, periods, n_prefix: int, seed: int) -> dict[str, float]:
+def check_against_float64(
+    qkv: torch.Tensor, coords, periods, n_prefix: int, seed: int, rope_mode: str = "inline"
+) -> dict[str, float]:
     """Run the kernel forward + backward on views of qkv and return the relative errors vs float64."""
     qkv = qkv.detach().requires_grad_()
     q, k, v = qkv.unbind(2)
-    out = rope_attention(q, k, v, coords, periods, n_prefix, impl="triton")
+    out = rope_attention(q, k, v, coords, periods, n_prefix, impl="triton", rope_mode=rope_mode)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     out.backward(grad_out.to(out.dtype))
@@ -74,12 +76,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("rope_mode", ["inline", "prerotate"])
 @pytest.mark.parametrize("batch,heads,h,w,n_prefix,head_dim,dtype,jitter", CASES)
-def test_forward_and_grads_match_float64_reference(batch, heads, h, w, n_prefix, head_dim, dtype, jitter):
+def test_forward_and_grads_match_float64_reference(batch, heads, h, w, n_prefix, head_dim, dtype, jitter, rope_mode):
     seed = h * 100 + w + head_dim
     coords, periods = make_rope(h, w, head_dim, jitter, seed)
     qkv = make_qkv(batch, n_prefix + h * w, heads, head_dim, dtype, seed)
-    errors = check_against_float64(qkv, coords, periods, n_prefix, seed)
+    errors = check_against_float64(qkv, coords, periods, n_prefix, seed, rope_mode)
     assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{dtype} relative errors {errors}"
 
 
@@ -90,12 +93,13 @@ def test_plain_attention_without_rope(dtype):
     assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{dtype} relative errors {errors}"
 
 
+@pytest.mark.parametrize("rope_mode", ["inline", "prerotate"])
 @pytest.mark.parametrize("n_tokens,n_prefix", [(1, 0), (1, 1), (5, 5), (6, 5)])
-def test_tiny_sequences(n_tokens, n_prefix):
+def test_tiny_sequences(n_tokens, n_prefix, rope_mode):
     """A single token, only prefix tokens, and a single patch: everything lives in one partial block."""
     coords, periods = make_rope(1, n_tokens - n_prefix, 32, jitter=True, seed=n_tokens)
     qkv = make_qkv(2, n_tokens, 2, 32, torch.float32, seed=n_tokens)
-    errors = check_against_float64(qkv, coords, periods, n_prefix, seed=n_tokens)
+    errors = check_against_float64(qkv, coords, periods, n_prefix, seed=n_tokens, rope_mode=rope_mode)
     assert all(e <= TOLERANCE[torch.float32] for e in errors.values()), f"relative errors {errors}"
 
 
@@ -108,20 +112,22 @@ def test_arbitrary_strides_and_custom_scale():
     k = torch.randn(batch, n_tokens, heads, 2 * head_dim, generator=gen)[..., ::2]
     v = torch.randn(batch, n_tokens, heads, head_dim, generator=gen)
     assert not q.is_contiguous() and k.stride(-1) == 2
-    out = rope_attention(q, k, v, coords, periods, n_prefix, scale=0.3, impl="triton")
     ref = rope_attention_reference(q.double(), k.double(), v.double(), coords.double(), periods.double(), n_prefix, 0.3)
-    assert out.is_contiguous() and rel_err(out, ref) <= 1e-4
+    for rope_mode in ("inline", "prerotate"):
+        out = rope_attention(q, k, v, coords, periods, n_prefix, scale=0.3, impl="triton", rope_mode=rope_mode)
+        assert out.is_contiguous() and rel_err(out, ref) <= 1e-4, rope_mode
 
 
+@pytest.mark.parametrize("prerotate", [False, True])
 @pytest.mark.parametrize("n_prefix,jitter", [(5, True), (0, False)])
-def test_gradcheck_float64(n_prefix, jitter):
+def test_gradcheck_float64(n_prefix, jitter, prerotate):
     """The autograd.Function in float64 (kernels accumulate in float64 then) against finite differences."""
     coords, periods = make_rope(2, 3, 32, jitter, seed=11)
     qkv = make_qkv(1, n_prefix + 6, 2, 32, torch.float64, seed=11)
     q, k, v = (t.clone().requires_grad_() for t in qkv.unbind(2))
 
     def attend(q, k, v):
-        return RopeAttentionFunction.apply(q, k, v, coords.double(), periods.double(), n_prefix, 32**-0.5)
+        return RopeAttentionFunction.apply(q, k, v, coords.double(), periods.double(), n_prefix, 32**-0.5, prerotate)
 
     assert torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True, atol=1e-7, rtol=1e-5)
 
@@ -152,6 +158,8 @@ def test_bad_inputs_raise_clear_errors():
     q48, k48, v48 = make_qkv(1, 13, 2, 48, torch.float32, seed=0).unbind(2)
     with pytest.raises(ValueError, match="head dims"):
         rope_attention(q48, k48, v48, None, None, 1, impl="triton")
+    with pytest.raises(ValueError, match="rope_mode"):
+        rope_attention(q, k, v, coords, periods, 1, rope_mode="table")
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -1,8 +1,9 @@
 """Sinkhorn-Knopp teacher centering: both paths against a float64 transcription of the official algorithm.
 
-The Triton path runs through Triton's interpreter here (tests/conftest.py sets TRITON_INTERPRET=1), with small
-tiles and row/column splits of two tiles, so the shapes below (not multiples of anything) cover ragged tiles,
-multi-tile loops and multi-split reductions.
+The Triton path runs through Triton's interpreter here (tests/conftest.py sets TRITON_INTERPRET=1), with tiles of
+16 rows x 64 columns, row/column splits of two tiles and merges of two splits per step, so the shapes below (not
+multiples of anything) cover ragged tiles, multi-tile loops, passes with one split (small batches, short rows)
+and in-kernel merges of several splits in several steps.
 """
 
 from __future__ import annotations
@@ -16,10 +17,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.bench_sinkhorn import official_sinkhorn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kernels import sinkhorn
 from kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 
 IMPLS = ["reference", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["reference", "triton", "triton-separate-passes"])
+def impl(request, monkeypatch):
+    """The implementation under test. Without a process group, batches of at most _SMALL_BATCH_ROWS rows (all of
+    those below) take the fused small-batch kernel; "triton-separate-passes" sends them through the column and
+    row pass kernels that larger batches and distributed runs take."""
+    if request.param == "triton-separate-passes":
+        monkeypatch.setattr(sinkhorn, "_SMALL_BATCH_ROWS", 0)
+        return "triton"
+    return request.param
 
 
 def official_sinkhorn_float64(logits: torch.Tensor, temperature: float, n_iter: int = 3) -> torch.Tensor:
@@ -53,9 +68,12 @@ def assert_distributions(q: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(q.sum(dim=1), torch.ones(q.shape[0]), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("shape", [(37, 300), (6, 517)], ids=lambda s: f"{s[0]}x{s[1]}")
+# (rows, prototypes) -> splits of the column pass (over rows) and of the row pass (over columns):
+# 37x300: 2 and 3 (a ragged merge step); 6x517: 1 and 5; 70x120: 3 and 1; 5x60: 1 and 1; the small-batch kernel
+# merges 5, 9, 2 and 1 column tiles. 150x70: more rows than the small-batch kernel takes, 5 splits and 1.
+@pytest.mark.parametrize("shape", [(37, 300), (6, 517), (70, 120), (5, 60), (150, 70)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_official_algorithm(impl, dtype, shape):
     logits = teacher_logits(*shape, dtype, seed=shape[1])
     ref = official_sinkhorn_float64(logits, 0.1)
@@ -64,7 +82,6 @@ def test_matches_official_algorithm(impl, dtype, shape):
     assert_distributions(out)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n_iter", [1, 5])
 def test_iteration_count(impl, n_iter):
     logits = teacher_logits(19, 150, torch.float32, seed=n_iter, scale=4.0)
@@ -74,6 +91,54 @@ def test_iteration_count(impl, n_iter):
     assert_distributions(out)
 
 
+def test_repeated_calls_give_the_same_bits(impl):
+    # the in-kernel merges add the splits' partial sums in a fixed order: no run-to-run variation
+    logits = teacher_logits(70, 517, torch.bfloat16, seed=7)
+    first = sinkhorn_knopp(logits, 0.07, impl=impl)
+    assert torch.equal(sinkhorn_knopp(logits, 0.07, impl=impl), first)
+
+
+class _FailOnHostSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), int(tensor), bool(tensor), ...
+            raise AssertionError(f"host sync through {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_without_a_process_group(impl):
+    # without a group B_global is n_valid, known on the host: nothing waits for the GPU
+    logits = teacher_logits(21, 150, torch.float32, seed=8)
+    with _FailOnHostSync():
+        out = sinkhorn_knopp(logits, 0.1, n_valid=17, impl=impl)
+    assert rel_err(out[:17], official_sinkhorn_float64(logits[:17], 0.1)) < 1e-6
+
+
+@pytest.mark.parametrize("n_rows, n_cols", [(16, 262144), (64, 65536), (256, 262144), (4096, 65536), (200, 3000),
+                                            (100000, 300), (1, 1), (0, 65536)])
+def test_gpu_split_sizes(n_rows, n_cols):
+    n_sms = 132
+    rows_per_split, cols_per_split = sinkhorn._split_sizes(
+        n_rows, n_cols, sinkhorn._PROGRAMS_PER_SM * n_sms, sinkhorn._ROW_SPLIT_UNIT, sinkhorn._COL_SPLIT_UNIT
+    )
+    # splits are whole tiles of every config, and at most _MAX_SPLITS of them
+    for config in sinkhorn._COLUMN_CONFIGS:
+        assert rows_per_split % config.kwargs["BLOCK_B"] == 0
+    for config in sinkhorn._ROW_CONFIGS:
+        assert cols_per_split % config.kwargs["BLOCK_K"] == 0
+    n_row_splits, n_col_splits = sinkhorn._cdiv(n_rows, rows_per_split), sinkhorn._cdiv(n_cols, cols_per_split)
+    assert n_row_splits <= sinkhorn._MAX_SPLITS and n_col_splits <= sinkhorn._MAX_SPLITS
+    # no split is smaller than its minimum unless the whole axis is
+    assert rows_per_split >= min(sinkhorn._ROW_SPLIT_UNIT, n_rows) and cols_per_split >= min(
+        sinkhorn._COL_SPLIT_UNIT, n_cols)
+    # each pass gets a program per SM whenever the problem allows that many splits of the minimum size
+    column_programs = sinkhorn._cdiv(n_cols, sinkhorn._NOMINAL_BLOCK_K) * n_row_splits
+    row_programs = sinkhorn._cdiv(n_rows, sinkhorn._NOMINAL_BLOCK_B) * n_col_splits
+    assert column_programs >= min(n_sms, sinkhorn._cdiv(n_cols, sinkhorn._NOMINAL_BLOCK_K)
+                                  * sinkhorn._cdiv(n_rows, sinkhorn._ROW_SPLIT_UNIT))
+    assert row_programs >= min(n_sms, sinkhorn._cdiv(n_rows, sinkhorn._NOMINAL_BLOCK_B)
+                               * min(sinkhorn._MAX_SPLITS, sinkhorn._cdiv(n_cols, sinkhorn._COL_SPLIT_UNIT)))
+
+
 def test_long_rows_keep_fp32_accuracy():
     # sums over ~70k prototypes: a plain fp32 matrix-vector product would be off by ~1e-5 here
     logits = teacher_logits(6, 70001, torch.float32, seed=6, scale=0.3)
@@ -81,7 +146,6 @@ def test_long_rows_keep_fp32_accuracy():
     assert rel_err(sinkhorn_knopp_reference(logits, 0.07), ref) < 1e-6
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_strided_logits(impl):
     # a transposed, column-sliced view: no unit stride along the prototypes
     storage = teacher_logits(2 * 261, 21, torch.bfloat16, seed=5)
@@ -92,7 +156,6 @@ def test_strided_logits(impl):
     assert out.is_contiguous()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_invariant_to_adding_a_constant(impl):
     # dyadic logits (multiples of 2^-10, |x| < 8): adding 4096 is exact in fp32, so any difference would be ours
     logits = torch.round(teacher_logits(37, 300, torch.float32, seed=1) * 1024) / 1024
@@ -103,7 +166,6 @@ def test_invariant_to_adding_a_constant(impl):
     assert rel_err(base, official_sinkhorn_float64(logits, 0.05)) < 1e-6
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
 def test_n_valid_excludes_padding(impl, as_tensor):
     n_valid = 21
@@ -117,7 +179,6 @@ def test_n_valid_excludes_padding(impl, as_tensor):
     assert_distributions(out[:n_valid])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_no_valid_rows_gives_zeros(impl):
     logits = teacher_logits(9, 70, torch.float32, seed=3)
     out = sinkhorn_knopp(logits, 0.1, n_valid=0, impl=impl)
@@ -136,7 +197,6 @@ EXTREMES = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(EXTREMES))
 def test_extreme_temperatures(impl, dtype, case):

@@ -25,6 +25,7 @@ Sections (the issue "Kernels proven for real GPUs"):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -36,6 +37,8 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+from bench.common import matmul_peak_gflops  # noqa: E402
 
 SECTIONS = ("attention", "sinkhorn", "gram", "train")
 # fp32 rows: what fp32 costs in the kernel (tf32x3 dots), against RoPE in torch + SDPA's own fp32 choice (its
@@ -75,12 +78,10 @@ class Timer:
 
 
 def bf16_matmul_tflops(device: str) -> float:
-    """Measured dense bf16 peak: an 8192³ product on the GPU (the MFU denominator), fp32 2048³ on the CPU."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (512, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = Timer(device)(lambda: a @ b)
-    return 2 * n**3 / ms / 1e9
+    """Measured dense bf16 peak: an 8192³ product on the GPU (the MFU denominator), fp32 512³ on the CPU."""
+    if device == "cuda":
+        return matmul_peak_gflops(device, n=8192, dtype=torch.bfloat16) / 1e3
+    return matmul_peak_gflops(device, n=512) / 1e3
 
 
 def copy_bandwidth_gbps(device: str) -> float:
@@ -135,10 +136,9 @@ def attention_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[
             return out.transpose(1, 2)
         return attention(q, k, v, rope, N_PREFIX, "sdpa")
 
-    def flash_only():
-        if device != "cuda":
-            import contextlib
-
+    def backends(provider: str):
+        """SDPA restricted to its flash backend for the providers that name it (a GPU-only backend)."""
+        if device != "cuda" or provider not in ("torch-rope-sdpa-flash", "fa2-no-rope"):
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -156,7 +156,7 @@ def attention_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[
                 q, k, v = qkv.unbind(2)
 
                 def run():
-                    with flash_only() if provider in ("torch-rope-sdpa-flash", "fa2-no-rope") else _no_context():
+                    with backends(provider):
                         if mode == "fwd":
                             with torch.no_grad():
                                 attend(provider, q, k, v, rope)
@@ -179,14 +179,6 @@ def attention_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[
         _add_ratios(rows, ("N", "D", "dtype", "mode"), "provider", "fa2-no-rope", "ms", "speed_of_fa2")
         _add_ratios(rows, ("N", "D", "dtype", "mode"), "provider", "torch-rope-sdpa", "ms", "speedup_vs_torch_sdpa")
     return rows
-
-
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _add_ratios(rows: list[dict], group: tuple, who: str, baseline: str, field: str, name: str) -> None:

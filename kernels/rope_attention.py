@@ -70,6 +70,11 @@ PREROTATE_MIN_TOKENS = 128
 FP32_TRITON_ON_GPU = False
 
 
+def runs_on_gpu(dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel takes CUDA inputs of this dtype (FP32_TRITON_ON_GPU)."""
+    return dtype in (torch.float16, torch.bfloat16) or FP32_TRITON_ON_GPU
+
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _TWO_PI = tl.constexpr(6.283185307179586)
@@ -865,7 +870,7 @@ def rope_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"rope_attention: scale must be a finite number, got {scale}")
-    wide_on_gpu = q.is_cuda and q.dtype in (torch.float32, torch.float64) and not FP32_TRITON_ON_GPU
+    wide_on_gpu = q.is_cuda and not runs_on_gpu(q.dtype)
     if wide_on_gpu and impl == "triton":
         raise RuntimeError(
             f"rope_attention: the Triton kernel is disabled for {q.dtype} on GPUs (its first GPU run hit an illegal "

@@ -107,11 +107,14 @@ def attention(
     q, k, v are typically strided views of the qkv projection's [B, N, 3, H, D] output. RoPE rotates the
     tokens after the first `n_prefix` (class + registers). `auto` is the Triton kernel for bf16/fp16 on CUDA
     and SDPA (RoPE in PyTorch, float32, then `scaled_dot_product_attention`) otherwise (fp32 on CUDA: see
-    kernels.rope_attention.FP32_TRITON_ON_GPU).
+    kernels.rope_attention.runs_on_gpu).
     """
     if impl == "auto":
-        sixteen_bit = q.dtype in (torch.float16, torch.bfloat16)
-        impl = "triton" if q.is_cuda and sixteen_bit and triton_importable() else "sdpa"
+        impl = "sdpa"
+        if q.is_cuda and triton_importable():
+            from kernels.rope_attention import runs_on_gpu
+
+            impl = "triton" if runs_on_gpu(q.dtype) else "sdpa"
     if impl == "triton":
         from kernels.rope_attention import rope_attention
 

@@ -142,10 +142,10 @@ class DistillConfig:
 
 
 def _demo() -> DistillConfig:
-    """train.py's demo teacher (vit_tiny, 120 steps) into a vit_tiny and a ConvNeXt-Tiny: CPU, a few minutes."""
+    """train.py's demo teacher (vit_tiny, 300 steps) into a vit_tiny and a ConvNeXt-Tiny: CPU, a few minutes."""
     return DistillConfig(
         students="vit_tiny,convnext_tiny",
-        teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000120.pth"),
+        teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000300.pth"),
         data=train.DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48, n_local_crops=4),
         optim=train.OptimConfig(iterations=40, lr=5e-4, warmup_iterations=10, freeze_last_layer_iterations=10,
                                 teacher_temp_warmup_iterations=0),

@@ -23,7 +23,7 @@ a decompression bomb) is logged once per process, counted in the sample's `n_ski
 index drawn from the same generator, so the replacement is deterministic too. `build_loader` wires dataset,
 augmentation, sampler and `MaskingCollate` (data/masking.py) together:
 
-    images = build_dataset(path)                     # None -> the bundled sample photos
+    images = build_dataset(path)                     # None -> the bundled sample photos, "procedural" -> generated
     loader = build_loader(images, AugmentConfig(), CropSizes(256, 112), batch_size=64, seed=seed, rank=rank,
                           world_size=world_size, start_step=step, num_workers=8)
     for batch in loader:                             # batch keys: see data/masking.py
@@ -313,10 +313,21 @@ class ProceduralDataset(ImageDataset):
         return procedural_image(index, self.size, self.n_classes, self.seed)
 
 
+# `--data.path procedural`: unlabeled generated images for pretraining. Their seed differs from the labeled
+# evaluation set's (eval.py, seed 0), so no evaluation image is ever trained on; they are made on demand, so the
+# count costs nothing.
+PROCEDURAL_PRETRAIN_SEED = 1
+PROCEDURAL_PRETRAIN_IMAGES = 100_000
+PROCEDURAL_PRETRAIN_SIZE = 128
+
+
 def build_dataset(path: str | Path | None) -> ImageDataset:
-    """None -> the bundled sample photos; a folder -> ImageFolderDataset; a .txt file -> FileListDataset."""
+    """None -> the bundled sample photos; "procedural" -> unlabeled generated images; a folder ->
+    ImageFolderDataset; a .txt file -> FileListDataset."""
     if path is None:
         return SampleImagesDataset()
+    if path == "procedural":
+        return ProceduralDataset(PROCEDURAL_PRETRAIN_IMAGES, PROCEDURAL_PRETRAIN_SIZE, seed=PROCEDURAL_PRETRAIN_SEED)
     path = Path(path)
     if path.is_dir():
         return ImageFolderDataset(path)

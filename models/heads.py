@@ -29,6 +29,10 @@ class DINOHead(nn.Module):
     in_dim: backbone width; out_dim: number of prototypes K; hidden_dim: width of the hidden layers;
     bottleneck_dim: width of the normalized embedding the prototypes are compared with; nlayers: number of
     MLP layers (3 in DINOv2/v3; with 1 the MLP is a single Linear in_dim -> bottleneck_dim).
+    normalize_prototypes: score with unit-norm prototypes (cosine similarities, as DINOv1/v2's weight-normalized
+    last layer with its norm fixed at 1) instead of the raw DINOv3 Linear. The raw layer's scores start with a
+    spread of about 0.02 (its init std), which a teacher temperature of 0.04 turns into nearly uniform targets
+    until the prototypes grow; cosine scores start about sqrt(bottleneck_dim) times wider.
     Input: tokens [..., in_dim] (typically [N, in_dim]); output: prototype scores [..., out_dim].
     """
 
@@ -39,6 +43,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        normalize_prototypes: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
@@ -53,6 +58,7 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(width_in, width_out))
         self.mlp = nn.Sequential(*layers)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.normalize_prototypes = normalize_prototypes
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -76,7 +82,12 @@ class DINOHead(nn.Module):
                 f"DINOHead: tokens have width {tokens.shape[-1]} but the head was built with "
                 f"in_dim={self.mlp[0].in_features}; pass [N, in_dim] class or patch tokens of the backbone"
             )
+        if self.normalize_prototypes:
+            return F.linear(self.bottleneck(tokens), F.normalize(self.last_layer.weight, dim=1))
         return self.last_layer(self.bottleneck(tokens))
+
+    def extra_repr(self) -> str:
+        return "normalize_prototypes=True" if self.normalize_prototypes else ""
 
 
 def build_heads(

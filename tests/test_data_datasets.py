@@ -109,6 +109,18 @@ def test_missing_or_empty_dataset_stops_with_a_clear_message(tmp_path):
         build_dataset(tmp_path / "empty.txt")
 
 
+def test_procedural_pretraining_images_are_not_the_labeled_evaluation_images():
+    from eval import procedural_splits
+
+    pretrain = build_dataset("procedural")
+    assert isinstance(pretrain, ProceduralDataset) and len(pretrain) >= 10_000
+    labeled_train, labeled_val = procedural_splits(1000, 500, pretrain.size, 10, seed=0)
+    for index in (0, 1, 1000, 1499):  # same index, other seed: other pixels
+        pretrain_pixels = np.asarray(pretrain[index][0])
+        for split in (labeled_train, labeled_val):
+            assert not np.array_equal(pretrain_pixels, np.asarray(split.images[index][0]))
+
+
 def test_bundled_sample_photos_are_the_default():
     dataset = build_dataset(None)
     assert isinstance(dataset, SampleImagesDataset) and len(dataset) > 10

@@ -47,6 +47,21 @@ def test_head_keys_shapes_and_init():
     assert tuple(head(torch.randn(2, 3, 24)).shape) == (2, 3, 50)
 
 
+def test_normalized_prototypes_score_cosine_similarities_with_the_same_weights():
+    torch.manual_seed(0)
+    raw = DINOHead(in_dim=16, out_dim=30, hidden_dim=32, bottleneck_dim=8)
+    cosine = DINOHead(in_dim=16, out_dim=30, hidden_dim=32, bottleneck_dim=8, normalize_prototypes=True)
+    cosine.load_state_dict(raw.state_dict())  # same keys: checkpoints move between the two
+    tokens = torch.randn(9, 16)
+    embedding = raw.bottleneck(tokens).double()
+    prototypes = raw.last_layer.weight.double()
+    expected = embedding @ (prototypes / prototypes.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(cosine(tokens).double(), expected, rtol=1e-5, atol=1e-6)
+    assert cosine(tokens).abs().max() <= 1 + 1e-5
+    # The raw layer's scores are ~0.02 * sqrt(8) times smaller at this init: the reason the option exists.
+    assert raw(tokens).std() < 0.5 * cosine(tokens).std()
+
+
 def test_head_matches_float64_definition_and_normalizes_the_bottleneck():
     torch.manual_seed(0)
     head = DINOHead(in_dim=16, out_dim=30, hidden_dim=32, bottleneck_dim=8)

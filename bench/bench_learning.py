@@ -1,0 +1,188 @@
+"""Learning curve: pretraining from scratch on generated images, measured on held-out labeled images.
+
+The run: `train.py`'s `demo` preset (ViT-tiny, 16 images per step, 96/48 px crops) on unlabeled procedural
+images (`--data.path procedural`: seed 1, other images than the labeled set's seed 0), for a fixed number of
+steps that fits in about 15 minutes on a 2-core CPU. Every `--eval-every` steps a checkpoint is kept; after
+training, each checkpoint's EMA teacher is measured on the labeled procedural set (1000 train / 500 val images,
+10 classes, chance 10 %): k-NN top-1 / top-5 (class token, k = 10 and 20) and the linear probe (class token +
+mean patch token). Baselines on the same images: the network at initialization and raw pixels (4x4
+average-pooled, centered, cosine k-NN). Training time per checkpoint comes from the checkpoint files' times
+(evaluation is not part of it).
+
+    python -m bench.bench_learning                       # the full curve -> runs/bench_learning/
+    python -m bench.bench_learning --out docs            # what the README shows (docs/learning_curve.*)
+    python -m bench.bench_learning --steps 300 --eval-every 150 --override --optim.lr 3e-4   # an ablation
+    pytest bench/bench_learning.py -s -m slow            # the same full curve, printed
+
+It writes learning_curve.csv and learning_curve.png, and prints the table. It never asserts a speed or an
+accuracy: tests/test_learning.py is the pass/fail check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import runtime
+from bench.common import REPO_ROOT, report
+from data.datasets import build_dataset
+from eval import knn_topk_accuracy, linear_probe, load_procedural_sets, select_features, tensor_features
+from train import TrainConfig, build_student_teacher, parse_config, train
+
+LABELED_TRAIN, LABELED_VAL = 1000, 500
+KNN_KS = (10, 20)
+
+
+def learning_config(preset: str, steps: int, eval_every: int, output_dir: Path, overrides: list[str]) -> TrainConfig:
+    cfg = parse_config([preset, "--optim.iterations", str(steps), "--run.output-dir", str(output_dir),
+                        "--run.checkpoint-every", str(eval_every), "--run.keep-last", str(steps // eval_every + 2),
+                        "--run.knn-every", "0", "--run.no-resume", *overrides])
+    return cfg
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """Raw-pixel baseline: 4x4 average-pooled images, flattened and centered by the set's own mean."""
+    pooled = F.avg_pool2d(images, 4).flatten(1)
+    return pooled - pooled.mean(dim=0)
+
+
+def measure_features(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                     probe_train_x: torch.Tensor | None = None, probe_val_x: torch.Tensor | None = None) -> dict:
+    """k-NN (on train_x / val_x) and linear-probe (on probe_*_x, default the same) accuracies, in percent."""
+    knn = knn_topk_accuracy(train_x, train_y, val_x, val_y, KNN_KS, n_classes=10)
+    probe = linear_probe(train_x if probe_train_x is None else probe_train_x, train_y,
+                         val_x if probe_val_x is None else probe_val_x, val_y, n_classes=10)
+    row = {f"knn_{name}": 100 * value for name, value in knn.items()}
+    row["linear_top1"] = 100 * probe["val_top1"]
+    return row
+
+
+def measure_backbone(backbone: torch.nn.Module, sets: tuple) -> dict:
+    train_images, train_y, val_images, val_y = sets
+    train_f, val_f = tensor_features(backbone, train_images), tensor_features(backbone, val_images)
+    return measure_features(train_f["cls"], train_y, val_f["cls"], val_y,
+                            select_features(train_f, "cls+avgpool"), select_features(val_f, "cls+avgpool"))
+
+
+def teacher_backbone(cfg: TrainConfig, checkpoint: Path | None) -> torch.nn.Module:
+    """The EMA teacher's backbone of a checkpoint, or (None) the network at initialization of `cfg`'s seed."""
+    runtime.seed_everything(cfg.run.seed)  # what train() does before it builds the nets
+    _, teacher = build_student_teacher(cfg)
+    if checkpoint is not None:
+        teacher.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["teacher"])
+    return teacher.backbone.eval()
+
+
+def learning_curve(cfg: TrainConfig, label: str = "run") -> list[dict]:
+    """Train `cfg` on the unlabeled procedural images, then measure every kept checkpoint; rows of the curve
+    (baselines first: step None)."""
+    out_dir = Path(cfg.run.output_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    sets = load_procedural_sets(LABELED_TRAIN, LABELED_VAL, size=cfg.data.global_size, n_classes=10)
+    rows = [{"curve": "pixels", "step": "", "minutes": "", **measure_features(
+        pixel_features(sets[0]), sets[1], pixel_features(sets[2]), sets[3])}]
+    rows.append({"curve": "initialization", "step": 0, "minutes": 0.0,
+                 **measure_backbone(teacher_backbone(cfg, None), sets)})
+    start = time.time()
+    summary = train(cfg, build_dataset(cfg.data.path))
+    terms = summary["term_history"]
+    for step, path in runtime.list_checkpoints(out_dir):
+        row = {"curve": label, "step": step, "minutes": (path.stat().st_mtime - start) / 60}
+        row.update(measure_backbone(teacher_backbone(cfg, path), sets))
+        row.update({f"loss_{name}": terms[name][step - 1] for name in ("dino", "ibot", "koleo")})
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = [r for r in rows if r["curve"] not in ("pixels", "initialization")]
+    baselines = {r["curve"]: r for r in rows if r["curve"] in ("pixels", "initialization")}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    minutes = [0.0] + [r["minutes"] for r in curve]
+    init = baselines["initialization"]
+    for key, name, color in (("knn_top1_k20", "k-NN top-1 (k=20)", "C0"), ("linear_top1", "linear probe top-1", "C1")):
+        ax.plot(minutes, [init[key]] + [r[key] for r in curve], marker="o", color=color, label=name)
+        ax.axhline(baselines["pixels"][key], color=color, linestyle=":", linewidth=1,
+                   label=f"{name}, raw pixels")
+    ax.axhline(10, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("training time on a 2-core CPU (minutes)")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'curve':<15}{'step':>6}{'min':>7}  {'kNN@10':>7}{'kNN@20':>7}{'top5@20':>8}{'linear':>8}  losses")
+    for r in rows:
+        minutes = f"{r['minutes']:.1f}" if r["minutes"] != "" else ""
+        losses = " ".join(f"{k[5:]} {r[k]:.3f}" for k in ("loss_dino", "loss_ibot", "loss_koleo") if k in r)
+        print(f"{r['curve']:<15}{r['step']!s:>6}{minutes:>7}  {r['knn_top1_k10']:>6.1f}%{r['knn_top1_k20']:>6.1f}%"
+              f"{r['knn_top5_k20']:>7.1f}%{r['linear_top1']:>7.1f}%  {losses}")
+
+
+def run(preset: str, steps: int, eval_every: int, out: Path, overrides: list[str]) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = learning_config(preset, steps, eval_every, REPO_ROOT / "runs" / "bench_learning" / "train", overrides)
+    rows = learning_curve(cfg, label=preset)
+    print_table(rows)
+    write_csv(rows, out / "learning_curve.csv")
+    final = rows[-1]
+    title = (f"{preset} ({cfg.model.arch}, batch {cfg.data.batch_size}, {steps} steps) on generated images: "
+             f"held-out k-NN {final['knn_top1_k20']:.0f} %")
+    plot(rows, out / "learning_curve.png", title)
+    report("learning", preset=preset, steps=steps, minutes=float(final["minutes"]),
+           knn_top1_k20=float(final["knn_top1_k20"]), linear_top1=float(final["linear_top1"]),
+           init_knn_top1_k20=float(rows[1]["knn_top1_k20"]), pixels_knn_top1_k20=float(rows[0]["knn_top1_k20"]))
+    print(f"curve: {out / 'learning_curve.csv'}  plot: {out / 'learning_curve.png'}")
+    return rows
+
+
+FULL_STEPS, FULL_EVAL_EVERY = 2000, 250
+
+
+@pytest.mark.slow
+def test_learning_curve():
+    run("demo", FULL_STEPS, FULL_EVAL_EVERY, REPO_ROOT / "runs" / "bench_learning", [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--steps", type=int, default=FULL_STEPS)
+    parser.add_argument("--eval-every", type=int, default=FULL_EVAL_EVERY)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "bench_learning")
+    parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
+                        help="train.py options for the run, e.g. --override --optim.lr 5e-4")
+    args = parser.parse_args()
+    run(args.preset, args.steps, args.eval_every, args.out, args.override)
+
+
+if __name__ == "__main__":
+    main()

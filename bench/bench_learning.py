@@ -147,9 +147,11 @@ def print_table(rows: list[dict]) -> None:
               f"{r['knn_top5_k20']:>7.1f}%{r['linear_top1']:>7.1f}%  {losses}")
 
 
-def run(preset: str, steps: int, eval_every: int, out: Path, overrides: list[str]) -> list[dict]:
+def run(preset: str, steps: int, eval_every: int, out: Path, overrides: list[str],
+        train_dir: Path = REPO_ROOT / "runs" / "bench_learning" / "train") -> list[dict]:
+    """The curve of `preset` (+ overrides): table printed, CSV and PNG written to `out`, checkpoints to train_dir."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = learning_config(preset, steps, eval_every, REPO_ROOT / "runs" / "bench_learning" / "train", overrides)
+    cfg = learning_config(preset, steps, eval_every, train_dir, overrides)
     rows = learning_curve(cfg, label=preset)
     print_table(rows)
     write_csv(rows, out / "learning_curve.csv")

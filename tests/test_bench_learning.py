@@ -1,0 +1,32 @@
+"""bench/bench_learning.py end to end at toy size: the curve's rows, CSV and plot (the full run is slow)."""
+
+import csv
+
+from bench.bench_learning import pixel_features, run
+
+TOY = ["--data.global-size", "32", "--data.local-size", "16", "--data.n-local-crops", "2", "--data.batch-size", "4",
+       "--data.num-workers", "0", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
+       "--run.device", "cpu"]
+
+
+def test_learning_curve_rows_csv_and_plot(tmp_path):
+    rows = run("demo", steps=4, eval_every=2, out=tmp_path / "out", overrides=TOY, train_dir=tmp_path / "train")
+    assert [r["curve"] for r in rows] == ["pixels", "initialization", "demo", "demo"]
+    assert [r["step"] for r in rows[1:]] == [0, 2, 4]
+    for row in rows:
+        for key in ("knn_top1_k10", "knn_top1_k20", "knn_top5_k20", "linear_top1"):
+            assert 0 <= row[key] <= 100, (row["curve"], key)
+    assert rows[-1]["minutes"] >= rows[-2]["minutes"] > 0
+    with (tmp_path / "out" / "learning_curve.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    png = (tmp_path / "out" / "learning_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_pixel_baseline_is_pooled_and_centered():
+    import torch
+
+    images = torch.rand(6, 3, 32, 32) + 5.0
+    features = pixel_features(images)
+    assert features.shape == (6, 3 * 8 * 8)
+    torch.testing.assert_close(features.mean(dim=0), torch.zeros(3 * 8 * 8), atol=1e-5, rtol=0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -33,8 +32,14 @@ import torch.nn.functional as F
 
 import runtime
 from bench.common import REPO_ROOT, report
-from data.datasets import build_dataset
-from eval import knn_topk_accuracy, linear_probe, load_procedural_sets, select_features, tensor_features
+from eval import (
+    knn_topk_accuracy,
+    linear_probe,
+    load_eval_backbone,
+    load_procedural_sets,
+    select_features,
+    tensor_features,
+)
 from train import TrainConfig, build_student_teacher, parse_config, train
 
 LABELED_TRAIN, LABELED_VAL = 1000, 500
@@ -42,10 +47,9 @@ KNN_KS = (10, 20)
 
 
 def learning_config(preset: str, steps: int, eval_every: int, output_dir: Path, overrides: list[str]) -> TrainConfig:
-    cfg = parse_config([preset, "--optim.iterations", str(steps), "--run.output-dir", str(output_dir),
-                        "--run.checkpoint-every", str(eval_every), "--run.keep-last", str(steps // eval_every + 2),
-                        "--run.knn-every", "0", "--run.no-resume", *overrides])
-    return cfg
+    return parse_config([preset, "--optim.iterations", str(steps), "--run.output-dir", str(output_dir),
+                         "--run.checkpoint-every", str(eval_every), "--run.keep-last", str(steps // eval_every + 2),
+                         "--run.knn-every", "0", "--run.no-resume", *overrides])
 
 
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
@@ -74,11 +78,12 @@ def measure_backbone(backbone: torch.nn.Module, sets: tuple) -> dict:
 
 def teacher_backbone(cfg: TrainConfig, checkpoint: Path | None) -> torch.nn.Module:
     """The EMA teacher's backbone of a checkpoint, or (None) the network at initialization of `cfg`'s seed."""
-    runtime.seed_everything(cfg.run.seed)  # what train() does before it builds the nets
-    _, teacher = build_student_teacher(cfg)
-    if checkpoint is not None:
-        teacher.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["teacher"])
-    return teacher.backbone.eval()
+    if checkpoint is None:
+        runtime.seed_everything(cfg.run.seed)  # what train() does before it builds the nets
+        return build_student_teacher(cfg)[1].backbone.eval()
+    backbone = load_eval_backbone(checkpoint)
+    backbone.set_attn_impl(cfg.model.attn_impl)
+    return backbone
 
 
 def learning_curve(cfg: TrainConfig, label: str = "run") -> list[dict]:
@@ -92,7 +97,7 @@ def learning_curve(cfg: TrainConfig, label: str = "run") -> list[dict]:
     rows.append({"curve": "initialization", "step": 0, "minutes": 0.0,
                  **measure_backbone(teacher_backbone(cfg, None), sets)})
     start = time.time()
-    summary = train(cfg, build_dataset(cfg.data.path))
+    summary = train(cfg)
     terms = summary["term_history"]
     for step, path in runtime.list_checkpoints(out_dir):
         row = {"curve": label, "step": step, "minutes": (path.stat().st_mtime - start) / 60}

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import train
-from data.datasets import build_dataset
 from losses.dino import SelfDistillationLoss
 
 STEPS = 200
@@ -28,7 +27,7 @@ def short_run(tmp_path, name: str) -> dict:
                               "--run.device", "cpu", "--data.no-photometric",
                               # the suite runs Triton's interpreter; training tests take the PyTorch paths
                               "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa"])
-    return train.train(cfg, build_dataset(cfg.data.path))
+    return train.train(cfg)
 
 
 def final_dino_term(summary: dict) -> float:

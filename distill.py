@@ -67,6 +67,7 @@ import runtime
 import train
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from dense import DenseSet, dense_metric, fast_dense_set, log_dense_metric, write_dense_metric
 from eval import pca_figure, save_png
 from kernels.common import KernelImpl
 from losses.ibot import ibot_mask_weights
@@ -828,6 +829,12 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
     terms = HEADS_TERMS if teacher.objective == "heads" else FEATURE_TERMS
     # Per step, every student's group-mean loss terms and its seconds per image on one rank, shared by all ranks.
     history = {spec.name: [] for spec in specs}
+    dense_set = fast_dense_set(cfg.data.global_size) if cfg.run.dense_every else None
+    dense_history: dict[int, dict[str, dict[str, float]]] = {}  # step -> student -> dense metric (0: initialization)
+    if dense_set is not None and start_step == 0:
+        if dist_info.is_main:  # the frozen teacher's value: what the students' patch features are pulled toward
+            log_dense_metric(writer, teacher.backbone, dense_set, 0, tag="dense/teacher")
+        dense_history[0] = log_students_dense(writer, runs, dense_set, 0, dist_info)
     seconds_per_image = torch.zeros(len(specs), dtype=torch.float64)
     stop = runtime.StopFlag()
     stop.install()
@@ -875,6 +882,8 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
                 losses = "  ".join(f"{name} {values['total']:.4f}" for name, values in last.items())
                 logger.info(f"step {step}/{n_steps} [{phase}]  loss {losses}  lr {sched.lr:.2e}  "
                             f"{global_batch / seconds:.1f} img/s  eta {eta}")
+            if cfg.run.dense_every and (step % cfg.run.dense_every == 0 or step == n_steps):
+                dense_history[step] = log_students_dense(writer, runs, dense_set, step, dist_info)
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             if step % cfg.run.checkpoint_every == 0 or step == n_steps or stop_now:
@@ -894,7 +903,8 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
         stop.restore()
         data_iter = None
 
-    summary = _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info)
+    summary = _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info,
+                       dense_history)
     if writer is not None:
         writer.close()
     runtime.barrier(dist_info)
@@ -911,6 +921,17 @@ def _log_scalars(writer, step: int, last: dict, seconds_per_image: torch.Tensor,
     writer.add_scalar("train/images_per_s", images_per_s, step)
 
 
+def log_students_dense(writer, runs: list[StudentRun], dense_set: DenseSet, step: int,
+                       dist_info: runtime.Dist) -> dict[str, dict[str, float]]:
+    """Each student's dense metric, computed by its group's leader, logged by rank 0 as dense/<student>/*."""
+    mine = {run.spec.name: dense_metric(run.net.backbone, dense_set) for run in runs if run.is_leader}
+    results = {name: result for part in _gather_objects(mine, dist_info) for name, result in part.items()}
+    if dist_info.is_main:
+        for name, result in results.items():
+            write_dense_metric(writer, result, step, tag=f"dense/{name}")
+    return results
+
+
 def _gather_objects(obj: object, dist_info: runtime.Dist) -> list:
     if not dist_info.enabled:
         return [obj]
@@ -919,7 +940,7 @@ def _gather_objects(obj: object, dist_info: runtime.Dist) -> list:
     return gathered
 
 
-def _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info) -> dict:
+def _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info, dense) -> dict:
     """Teacher forwards per rank, per-student results and parameter digests per rank; rank 0 writes summary.json."""
     out_dir = Path(cfg.run.output_dir)
     teacher_images = _gather_objects(teacher.images_seen, dist_info)
@@ -936,6 +957,7 @@ def _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, 
         "objective": teacher.objective,
         "teacher_images_per_rank": teacher_images,  # each image once per step over all ranks
         "global_batch": cfg.data.batch_size * dist_info.world_size,
+        "dense": dense,  # step -> student -> ridge-probe mIoU / pixel accuracy (with --run.dense-every)
         "students": {
             spec.name: {
                 "ranks": list(spec.ranks),

@@ -29,13 +29,14 @@ image (one block per patch) and put next to it; train.py logs them to TensorBoar
 
 from __future__ import annotations
 
+import colorsys
+import copy
 import functools
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,7 +60,33 @@ from data.datasets import (
     ProceduralDataset,
     open_image,
 )
+from data.dense_sets import (
+    IGNORE_INDEX,
+    DavisFolder,
+    GeneratedScenes,
+    GeneratedVideos,
+    SegmentationFolder,
+    Video,
+    resize_pair,
+    segmentation_arrays,
+)
+from dense import (
+    boundary_map,
+    forward_tokens,
+    normalize_pixels,
+    patch_class_fractions,
+    patch_feature_maps,
+    pixel_feature_maps,
+    predict_masks,
+    probe_confusion,
+    propagate_labels,
+    ridge_probe,
+    segmentation_scores,
+    track_scores,
+    upsample_labels,
+)
 from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
+from models.vit import LayerScale
 
 logger = logging.getLogger("dinov3")
 
@@ -163,18 +190,9 @@ def _hash_contents(digest, name: str, value) -> None:
         digest.update(f"{name}|{value!r}".encode())
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 # ====================================================================================================
 # Images
 # ====================================================================================================
-
-
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] -> ImageNet-normalized float32."""
-    return TF.normalize(pixels.float() / 255, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def eval_pixels(image: Image.Image, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
@@ -337,26 +355,6 @@ def folder_splits(root: str | Path) -> tuple[Split, Split]:
 # ====================================================================================================
 # Features
 # ====================================================================================================
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (no RoPE box jitter, no drop path), then the previous mode again."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-@torch.no_grad()
-def forward_tokens(backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class tokens [B, C], patch tokens [B, P, C]) as float32; bf16 autocast on CUDA."""
-    images = images.to(_device_of(backbone))
-    with eval_mode(backbone), torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-        out = backbone(images)
-    return out["x_norm_clstoken"].float(), out["x_norm_patchtokens"].float()
 
 
 def tensor_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
@@ -848,6 +846,182 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 
 # ====================================================================================================
+# Dense evaluation: segmentation probe, label propagation, their baselines and pictures
+# ====================================================================================================
+
+
+def run_layerscale_init(checkpoint: Path) -> float | None:
+    """LayerScale's starting value in the train.py run that wrote `checkpoint` (its folder's config.json), or None
+    when the folder holds no train.py config (a released or downloaded backbone)."""
+    config_file = checkpoint.parent / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text())["model"]["layerscale_init"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def initialized_copy(backbone: nn.Module, layerscale_init: float | None = None, seed: int = 0) -> nn.Module:
+    """The same architecture with fresh weights (its own `init_weights`, seeded): the "initialization" baseline.
+
+    `layerscale_init` replaces the LayerScale starting value a loaded backbone only knows as the architecture's
+    default (the demo runs start at 1.0, the recipe at 1e-5).
+    """
+    fresh = copy.deepcopy(backbone)
+    if layerscale_init is not None:
+        for module in fresh.modules():
+            if isinstance(module, LayerScale):
+                module.init_value = layerscale_init
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh.init_weights()
+    return fresh.eval()
+
+
+def init_baseline(backbone: nn.Module, checkpoint: Path, layerscale_init: float | None = None) -> nn.Module:
+    """`backbone`'s architecture at initialization, LayerScale starting where the checkpoint's run started it
+    (`layerscale_init`, else the run folder's config.json, else the architecture's default)."""
+    if layerscale_init is None:
+        layerscale_init = run_layerscale_init(checkpoint)
+    return initialized_copy(backbone, layerscale_init)
+
+
+def dense_feature_sources(backbone: nn.Module, init: nn.Module, n_layers: int,
+                          batch_size: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Name -> (normalized images -> patch feature maps [N, C, h, w]): the checkpoint and its two baselines."""
+    return {
+        "checkpoint": functools.partial(patch_feature_maps, backbone, n_layers=n_layers, batch_size=batch_size),
+        "same net at init": functools.partial(patch_feature_maps, init, n_layers=n_layers, batch_size=batch_size),
+        "raw pixels": functools.partial(pixel_feature_maps, patch_size=backbone.patch_size),
+    }
+
+
+def class_token_knn(backbones: dict[str, nn.Module], n_train: int, size: int = 128) -> dict[str, float]:
+    """Name -> class-token k-NN top-1 (k=20) on the procedural labeled set (n_train / n_train // 2 images)."""
+    sets = load_procedural_sets(n_train, max(1, n_train // 2), size=size, n_classes=10)
+    return {name: knn_eval(backbone, *sets, ks=(20,))["top1_k20"] for name, backbone in backbones.items()}
+
+
+def sample_pixels(maps: torch.Tensor, masks: torch.Tensor, per_image: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [M, C], labels [M]) at `per_image` random labeled pixels (with replacement) of each image that has
+    any: the patch features interpolated bilinearly at the pixel, exactly as F.interpolate upsamples a map. A 1x1
+    linear layer commutes with that interpolation, so fitting it on these features fits the upsampled logits."""
+    labeled = (masks != IGNORE_INDEX).flatten(1).float()
+    keep = labeled.sum(dim=1) > 0
+    maps, masks, labeled = maps[keep], masks[keep], labeled[keep]
+    height, width = masks.shape[-2:]
+    pixel = torch.multinomial(labeled, per_image, replacement=True, generator=generator)  # [N, per_image]
+    rows, cols = pixel // width, pixel % width
+    # grid_sample's (x, y) in [-1, 1] with align_corners=False, border padding: F.interpolate's bilinear sampling.
+    grid = torch.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], dim=-1).float()[:, None]
+    features = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    labels = masks.flatten(1).gather(1, pixel).long()
+    return features[:, :, 0].permute(0, 2, 1).reshape(-1, maps.shape[1]), labels.reshape(-1)
+
+
+def segmentation_probe(
+    train_maps: torch.Tensor, train_masks: torch.Tensor, val_maps: torch.Tensor, val_masks: torch.Tensor,
+    n_classes: int, *, lrs: Sequence[float] = (1e-3, 1e-2, 1e-1), weight_decays: Sequence[float] = (0.0, 1e-4),
+    epochs: int = 10, pixels_per_image: int = 256, batch_size: int = 1024, holdout_fraction: float = 0.1,
+    seed: int = 0,
+) -> dict:
+    """A 1x1 linear layer on patch feature maps, logits upsampled bilinearly to the masks, for each (lr, weight
+    decay) of the grid (`train_linear_probes`, on standardized features at sampled pixels); the grid point with
+    the best mIoU on the held-out train images is reported on val: {"miou", "pixel_accuracy", "lr",
+    "weight_decay", "holdout_miou", "weight", "bias"} (weight [C, K] and bias [K] act on the raw maps)."""
+    if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:
+        raise ValueError(f"need learning rates > 0 and weight decays >= 0, got {tuple(lrs)} and {tuple(weight_decays)}")
+    fit, holdout = holdout_split(len(train_maps), holdout_fraction, seed)
+    generator = torch.Generator().manual_seed(seed)
+    x, y = sample_pixels(train_maps[fit], train_masks[fit], pixels_per_image, generator)
+    mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
+    grid = [(lr, wd) for lr in lrs for wd in weight_decays]
+    weight, bias = train_linear_probes((x - mean) / std, y, n_classes, grid, epochs, batch_size, seed=seed)
+    # Fold the standardization into the layer: it then applies to raw feature maps.
+    weight = weight / std[None, :, None]
+    bias = bias - torch.einsum("c,gck->gk", mean, weight)
+    holdout_miou = [segmentation_scores(probe_confusion(train_maps[holdout], train_masks[holdout], w, b))["miou"]
+                    for w, b in zip(weight, bias)]
+    best = max(range(len(grid)), key=lambda g: (np.nan_to_num(holdout_miou[g], nan=-1.0), -g))
+    scores = segmentation_scores(probe_confusion(val_maps, val_masks, weight[best], bias[best]))
+    return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "lr": grid[best][0],
+            "weight_decay": grid[best][1], "holdout_miou": holdout_miou[best], "weight": weight[best],
+            "bias": bias[best]}
+
+
+def label_colors(labels: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Label indices [H, W] -> [H, W, 3] uint8: 0 black, IGNORE_INDEX white, other labels well spread hues."""
+    # Golden-ratio hue steps put consecutive labels far apart in hue; alternate brightness separates them more.
+    palette = np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.95 if i % 2 == 0 else 0.7)
+                        for i in range(256)])
+    palette = (palette * 255).round().astype(np.uint8)
+    palette[0], palette[IGNORE_INDEX] = 0, 255
+    return palette[np.asarray(labels, dtype=np.int64)]
+
+
+def overlay(pixels: np.ndarray, labels: torch.Tensor | np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """[H, W, 3] uint8: the image in dimmed gray with every nonzero label painted in its `label_colors` color and
+    outlined in it (gray, so the masks' colors are not confused with the objects')."""
+    labels = torch.as_tensor(np.asarray(labels)).long()
+    colors = label_colors(labels).astype(np.float32)
+    gray = 0.7 * pixels.astype(np.float32).mean(axis=-1, keepdims=True)
+    painted = np.where((labels > 0).numpy()[..., None], (1 - opacity) * gray + opacity * colors, gray)
+    outline = boundary_map(labels).numpy() & (labels > 0).numpy()
+    painted[outline] = colors[outline]
+    return painted.round().astype(np.uint8)
+
+
+def segmentation_figure(images: torch.Tensor, masks: torch.Tensor, predictions: dict[str, torch.Tensor]) -> np.ndarray:
+    """Rows of (image | ground truth | each prediction), label colors as in `label_colors`: [rows*H, cols*W, 3]."""
+    rows = []
+    for i in range(len(images)):
+        columns = [denormalize(images[i]), label_colors(masks[i])]
+        columns += [label_colors(predicted[i]) for predicted in predictions.values()]
+        rows.append(np.concatenate(columns, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def prepared_video(video: Video, size: int | None, patch_size: int) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(normalized frames [T, 3, H, W], annotations [H, W] uint8 or None): shorter side resized to `size`, then
+    center-cropped to multiples of the patch size; the masks follow (nearest-neighbor). Scores are computed here."""
+    frames, annotations = [], []
+    for frame, mask in zip(video.frames, video.masks):
+        pixels, labels = resize_pair(frame, mask, size)
+        crop = [pixels.shape[-2] // patch_size * patch_size, pixels.shape[-1] // patch_size * patch_size]
+        if min(crop) == 0:
+            raise ValueError(f"video {video.name}: frames of {pixels.shape[-1]}x{pixels.shape[-2]} px are smaller "
+                             f"than one {patch_size} px patch; pass a larger --size")
+        frames.append(normalize_pixels(TF.center_crop(pixels, crop)))
+        annotations.append(None if labels is None else TF.center_crop(labels[None], crop)[0])
+    return torch.stack(frames), annotations
+
+
+def first_frame_labels(annotation: torch.Tensor, object_ids: list[int], grid: tuple[int, int]) -> torch.Tensor:
+    """[1 + n_objects, h, w]: the fraction of each patch of frame 0 covered by the background and each object."""
+    channel = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
+    channel[0] = 0
+    for c, object_id in enumerate(object_ids, start=1):
+        channel[object_id] = c
+    fractions = patch_class_fractions(channel[annotation.long()][None], grid, 1 + len(object_ids))
+    return fractions[0].permute(2, 0, 1).float()
+
+
+def track_strip(frames: torch.Tensor, annotations: list, predicted: torch.Tensor, n_columns: int) -> np.ndarray:
+    """Two rows of evenly spaced frames: the annotation overlaid (first frame: the given mask), then the
+    propagated masks overlaid."""
+    columns = np.unique(np.linspace(0, len(frames) - 1, num=min(n_columns, len(frames))).round().astype(int))
+    truth, guess = [], []
+    for t in columns:
+        pixels = denormalize(frames[t])
+        given = annotations[t] if annotations[t] is not None else torch.zeros(pixels.shape[:2], dtype=torch.uint8)
+        truth.append(overlay(pixels, given))
+        guess.append(overlay(pixels, predicted[t] if t else given))
+    return np.concatenate([np.concatenate(truth, axis=1), np.concatenate(guess, axis=1)], axis=0)
+
+
+# ====================================================================================================
 # Command line
 # ====================================================================================================
 
@@ -914,6 +1088,59 @@ class CosineMapArgs(FeatureMapArgs):
     """Cosine similarity of one patch to all patches, next to each image (<stem>_cosine.png)."""
 
     patch: tuple[int, int] | None = None  # ROW COL in the patch grid; default the center patch
+
+
+@dataclass
+class DenseArgs(BackboneArgs):
+    layers: int = 1  # patch tokens of the last N blocks, concatenated
+    batch_size: int = 32  # images per forward pass
+    # LayerScale start of the "same net at init" baseline; None: the checkpoint's run (its folder's config.json),
+    # else the architecture's default
+    init_layerscale: float | None = None
+    knn_images: int = 500  # class-token k-NN baseline on this many procedural images (half as many held out); 0: off
+
+
+@dataclass
+class SegmentArgs(DenseArgs):
+    """Linear segmentation probe on frozen patch features (1x1 linear layer, logits upsampled bilinearly to the
+    masks), beside the same network at initialization and raw pixels: mIoU and pixel accuracy on val."""
+
+    # "generated" (scenes made on the fly) or a folder DATA with DATA/{train,val}/{images,masks}/ (masks: PNGs of
+    # class indices, 255 = ignore)
+    data: str = "generated"
+    size: int | None = None  # images resized (shorter side) and center-cropped to size x size; None: 128 / 448
+    n_train: int = 300  # generated scenes for train ...
+    n_val: int = 100  # ... and for val (other scenes)
+    seed: int = 0
+    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4)
+    epochs: int = 10
+    pixels_per_image: int = 256  # labeled pixels of each train image the probe is fit on
+    probe_batch_size: int = 1024  # pixels per SGD step
+    holdout_fraction: float = 0.1  # of the train images, for choosing the grid point
+    figure: str = "runs/eval/segment.png"  # rows of image | ground truth | checkpoint | init | pixels
+    figure_images: int = 4
+
+
+@dataclass
+class TrackArgs(DenseArgs):
+    """Video label propagation: the first frame's masks carried through each video by patch-feature similarity,
+    beside the same network at initialization and raw pixels: J (region IoU), F (boundary F-measure), J&F."""
+
+    data: str = "generated"  # "generated" (videos made on the fly) or a DAVIS-2017-style folder
+    resolution: str = "480p"  # DAVIS: the JPEGImages/ and Annotations/ sub-folder
+    videos: tuple[str, ...] = ()  # DAVIS: only these videos (default: all)
+    size: int | None = None  # shorter side in pixels, then cropped to multiples of 16; None: 224 / 480
+    n_videos: int = 6  # generated videos ...
+    n_frames: int = 16  # ... of this many frames
+    seed: int = 0
+    temperatures: tuple[float, ...] = (0.1, 0.2)  # softmax temperatures, each evaluated
+    topk: int = 5  # context patches each patch takes its label from
+    n_last: int = 7  # previous frames in the context (besides the first)
+    radius: int = 12  # in patches: only context patches this close (rows and columns) are candidates
+    strip: str = "runs/eval/track.png"  # frames with the annotation and the propagated masks overlaid
+    strip_videos: int = 2
+    strip_frames: int = 8
 
 
 DEFAULT_FOLDER_SIZE = 224  # the usual ImageNet evaluation crop
@@ -1058,7 +1285,181 @@ def run_feature_maps(args: FeatureMapArgs) -> list[Path]:
     return written
 
 
-SUBCOMMANDS = {"knn": KnnArgs, "linear": LinearArgs, "pca": PcaArgs, "cosine-map": CosineMapArgs}
+DEFAULT_SEGMENT_SIZE = {"generated": 128, "folder": 448}
+DEFAULT_TRACK_SIZE = {"generated": 224, "folder": 480}  # DAVIS 480p frames at their own size
+
+
+def _check_dense_args(args: DenseArgs) -> None:
+    if args.layers < 1 or args.batch_size < 1 or args.knn_images < 0:
+        raise ValueError(f"need --layers >= 1, --batch-size >= 1 and --knn-images >= 0, got {args.layers}, "
+                         f"{args.batch_size} and {args.knn_images}")
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {args.size}")
+
+
+def segmentation_datasets(args: SegmentArgs, size: int):
+    """(train, val) segmentation datasets of --data; folders are checked here, before any image is decoded."""
+    if args.data == "generated":
+        if args.n_train < 2 or args.n_val < 1:
+            raise ValueError(f"need --n-train >= 2 and --n-val >= 1, got {args.n_train} and {args.n_val}")
+        return (GeneratedScenes(args.n_train, size, args.seed),
+                GeneratedScenes(args.n_val, size, args.seed, first=args.n_train))
+    return SegmentationFolder(args.data, "train"), SegmentationFolder(args.data, "val")
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:6.1f} %"
+
+
+def print_knn_baseline(knn: dict[str, float], n_images: int) -> None:
+    results = ", ".join(f"{name} {100 * top1:.1f} %" for name, top1 in knn.items())
+    print(f"  class-token k-NN top-1 (k=20) on {n_images} / {max(1, n_images // 2)} procedural images "
+          f"(10 classes, chance 10 %): {results}")
+
+
+def run_segment(args: SegmentArgs) -> dict:
+    """Segmentation probes of the checkpoint, its initialization and raw pixels; returns
+    {name: {"miou", "pixel_accuracy", "ridge_miou", "ridge_pixel_accuracy", "lr", "weight_decay"}, "knn": {...},
+    "figure": path, "images_skipped": n}."""
+    _check_dense_args(args)
+    if args.epochs < 1 or args.pixels_per_image < 1 or args.probe_batch_size < 1 or args.figure_images < 0:
+        raise ValueError("need --epochs, --pixels-per-image and --probe-batch-size >= 1 and --figure-images >= 0")
+    runtime.setup_logging(None, is_main=True)
+    checkpoint = checkpoint_path_or_error(args.checkpoint)
+    size = args.size or DEFAULT_SEGMENT_SIZE["generated" if args.data == "generated" else "folder"]
+    train_set, val_set = segmentation_datasets(args, size)
+    backbone = load_eval_backbone(checkpoint, _device(args.device))
+    if size % backbone.patch_size:
+        raise ValueError(f"--size {size} is not a multiple of the backbone's {backbone.patch_size} px patch")
+    train_images, train_masks, train_skipped = segmentation_arrays(train_set, size)
+    val_images, val_masks, val_skipped = segmentation_arrays(val_set, size)
+    if len(train_images) < 2:
+        raise ValueError(f"{train_set.source}: {len(train_images)} readable train image(s); the probes need 2 or more")
+    labeled = torch.cat([train_masks.flatten(), val_masks.flatten()])
+    labeled = labeled[labeled != IGNORE_INDEX]
+    n_classes = GeneratedScenes.n_classes if args.data == "generated" else int(labeled.max()) + 1
+    train_x, val_x = normalize_pixels(train_images), normalize_pixels(val_images)
+    init = init_baseline(backbone, checkpoint, args.init_layerscale)
+
+    results, predictions = {}, {}
+    shown = slice(0, args.figure_images)
+    for name, features in dense_feature_sources(backbone, init, args.layers, args.batch_size).items():
+        train_maps, val_maps = features(train_x), features(val_x)
+        probe = segmentation_probe(
+            train_maps, train_masks, val_maps, val_masks, n_classes, lrs=args.lrs, weight_decays=args.weight_decays,
+            epochs=args.epochs, pixels_per_image=args.pixels_per_image, batch_size=args.probe_batch_size,
+            holdout_fraction=args.holdout_fraction, seed=args.seed)
+        ridge = ridge_probe(train_maps, train_masks, val_maps, val_masks, n_classes)
+        results[name] = {"miou": probe["miou"], "pixel_accuracy": probe["pixel_accuracy"], "lr": probe["lr"],
+                         "weight_decay": probe["weight_decay"], "ridge_miou": ridge["miou"],
+                         "ridge_pixel_accuracy": ridge["pixel_accuracy"]}
+        predictions[name] = predict_masks(val_maps[shown], probe["weight"], probe["bias"], (size, size))
+    knn = class_token_knn({"checkpoint": backbone, "same net at init": init}, args.knn_images) if args.knn_images else {}
+
+    print(f"segmentation probes on {train_set.source} (train) and {val_set.source} (val): {len(train_images)} / "
+          f"{len(val_images)} images at {size} px, {n_classes} classes, patch tokens of the last {args.layers} "
+          "layer(s)")
+    if train_skipped + val_skipped:
+        print(f"  {train_skipped + val_skipped} unreadable images skipped")
+    print(f"  {'':18s}  {'linear probe':^20s}   {'ridge probe':^20s}")
+    print(f"  {'features':18s}  {'mIoU':>9s} {'pixel acc':>10s}   {'mIoU':>9s} {'pixel acc':>10s}   lr, weight decay")
+    for name, r in results.items():
+        print(f"  {name:18s}  {_percent(r['miou'])} {_percent(r['pixel_accuracy']):>10s}   "
+              f"{_percent(r['ridge_miou'])} {_percent(r['ridge_pixel_accuracy']):>10s}   "
+              f"{r['lr']:g}, {r['weight_decay']:g}")
+    if knn:
+        print_knn_baseline(knn, args.knn_images)
+    figure = None
+    if args.figure_images:
+        figure = save_png(segmentation_figure(val_x[shown], val_masks[shown], predictions), args.figure)
+        print(f"  wrote {figure} (rows: image | ground truth | {' | '.join(predictions)})")
+    return {**results, "knn": knn, "figure": str(figure) if figure else None,
+            "images_skipped": train_skipped + val_skipped, "n_classes": n_classes}
+
+
+def video_dataset(args: TrackArgs, size: int):
+    """The videos of --data; a DAVIS folder is checked here, before any frame is decoded."""
+    if args.data == "generated":
+        return GeneratedVideos(args.n_videos, args.n_frames, size, args.seed)
+    return DavisFolder(args.data, args.resolution, args.videos)
+
+
+def run_track(args: TrackArgs) -> dict:
+    """Label propagation with the checkpoint, its initialization and raw pixels; returns {name: {temperature:
+    {"J", "F", "J&F"}}, "knn": {...}, "strip": path, "videos": n, "objects": n, "frames_skipped": n}."""
+    _check_dense_args(args)
+    if not args.temperatures or min(args.temperatures) <= 0:
+        raise ValueError(f"--temperatures must all be > 0, got {args.temperatures}")
+    if args.topk < 1 or args.n_last < 0 or args.radius < 0 or args.strip_videos < 0 or args.strip_frames < 1:
+        raise ValueError("need --topk >= 1, --n-last >= 0, --radius >= 0, --strip-videos >= 0, --strip-frames >= 1")
+    runtime.setup_logging(None, is_main=True)
+    checkpoint = checkpoint_path_or_error(args.checkpoint)
+    size = args.size or DEFAULT_TRACK_SIZE["generated" if args.data == "generated" else "folder"]
+    videos = video_dataset(args, size)
+    backbone = load_eval_backbone(checkpoint, _device(args.device))
+    init = init_baseline(backbone, checkpoint, args.init_layerscale)
+    sources = dense_feature_sources(backbone, init, args.layers, args.batch_size)
+    per_object = {(name, t): [] for name in sources for t in args.temperatures}  # (J, F) of every scored object
+    strips, n_scored, videos_skipped, frames_skipped = [], 0, 0, 0
+    for index in range(len(videos)):
+        try:
+            video = videos.load(index)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            logger.warning(f"skipping video {videos.describe(index)}: its first frame or mask cannot be read: "
+                           f"{type(err).__name__}: {err}")
+            videos_skipped += 1
+            continue
+        frames_skipped += video.n_skipped
+        frames, annotations = prepared_video(video, size, backbone.patch_size)
+        object_ids = sorted(set(annotations[0].unique().tolist()) - {0, IGNORE_INDEX})
+        if not object_ids:
+            logger.warning(f"skipping video {video.name}: its first frame's mask holds no object")
+            videos_skipped += 1
+            continue
+        height, width = frames.shape[-2:]
+        first = first_frame_labels(annotations[0], object_ids, (height // backbone.patch_size,
+                                                                 width // backbone.patch_size))
+        ids = torch.tensor([0, *object_ids])
+        for name, features in sources.items():
+            maps = features(frames)
+            for temperature in args.temperatures:
+                soft = propagate_labels(maps, first, args.n_last, args.topk, args.radius, temperature)
+                predicted = ids[upsample_labels(soft, (height, width))]
+                per_object[name, temperature] += track_scores(predicted, annotations, object_ids).values()
+                if name == "checkpoint" and temperature == args.temperatures[0] and len(strips) < args.strip_videos:
+                    strips.append(track_strip(frames, annotations, predicted, args.strip_frames))
+        n_scored += 1
+    if not per_object["checkpoint", args.temperatures[0]]:
+        raise ValueError(f"no video of {videos.source} could be scored: each needs a readable first frame with at "
+                         "least one object in its mask, and annotated frames after it")
+
+    results = {name: {} for name in sources}
+    for (name, temperature), scores in per_object.items():
+        j, f = (float(np.mean([score[i] for score in scores])) for i in (0, 1))
+        results[name][temperature] = {"J": j, "F": f, "J&F": (j + f) / 2}
+    knn = class_token_knn({"checkpoint": backbone, "same net at init": init}, args.knn_images) if args.knn_images else {}
+    n_objects = len(per_object["checkpoint", args.temperatures[0]])
+    print(f"label propagation on {videos.source}: {n_scored} videos, {n_objects} objects, frames at {size} px "
+          f"(shorter side); context = first frame + last {args.n_last}, top-{args.topk}, radius {args.radius} patches")
+    if videos_skipped or frames_skipped:
+        print(f"  skipped: {videos_skipped} videos, {frames_skipped} unreadable frames")
+    print(f"  {'features':18s}  {'T':>4s}  {'J':>8s} {'F':>8s} {'J&F':>8s}")
+    for name, by_temperature in results.items():
+        for temperature, r in by_temperature.items():
+            print(f"  {name:18s}  {temperature:4g}  {_percent(r['J'])} {_percent(r['F'])} {_percent(r['J&F'])}")
+    if knn:
+        print_knn_baseline(knn, args.knn_images)
+    strip = None
+    if strips:
+        strip = save_png(stack_rows(strips), args.strip)
+        print(f"  wrote {strip} (per video: the annotation, then the masks propagated with the checkpoint at "
+              f"T={args.temperatures[0]:g})")
+    return {**results, "knn": knn, "strip": str(strip) if strip else None, "videos": n_scored, "objects": n_objects,
+            "frames_skipped": frames_skipped, "videos_skipped": videos_skipped}
+
+
+SUBCOMMANDS = {"knn": KnnArgs, "linear": LinearArgs, "pca": PcaArgs, "cosine-map": CosineMapArgs,
+               "segment": SegmentArgs, "track": TrackArgs}
 
 
 def main(argv: list[str] | None = None):
@@ -1068,6 +1469,10 @@ def main(argv: list[str] | None = None):
         return run_knn(args)
     if isinstance(args, LinearArgs):
         return run_linear(args)
+    if isinstance(args, SegmentArgs):
+        return run_segment(args)
+    if isinstance(args, TrackArgs):
+        return run_track(args)
     return run_feature_maps(args)
 
 

@@ -42,6 +42,7 @@ from torch import nn
 import runtime
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from dense import fast_dense_set, log_dense_metric
 from eval import (
     backbone_weights,
     checkpoint_path_or_error,
@@ -185,6 +186,7 @@ class RunConfig:
     pca_every: int = 0  # log PCA and cosine feature maps every N steps (0: only at the end)
     knn_every: int = 0  # k-NN accuracy of the teacher on the procedural labeled set every N steps (0: off)
     knn_train_images: int = 500  # reference images of that set (and half as many held-out ones)
+    dense_every: int = 0  # dense metric of the teacher every N steps (0: off): ridge-probe mIoU on generated scenes
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
     max_nonfinite_skips: int = 10
     dist_timeout_s: float = 600.0
@@ -962,6 +964,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     pca_images = pca_batch(dataset, cfg, device)
     knn_sets = load_procedural_sets(cfg.run.knn_train_images, cfg.run.knn_train_images // 2,
                                     size=cfg.data.global_size, n_classes=10) if cfg.run.knn_every else None
+    dense_set = fast_dense_set(cfg.data.global_size) if cfg.run.dense_every else None
 
     stop = runtime.StopFlag()
     stop.install()
@@ -972,6 +975,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     knn_history: dict[int, dict[str, float]] = {}  # step -> k-NN accuracies (step 0: the initialization)
     if knn_sets is not None and start_step == 0:
         knn_history[0] = log_knn(writer, teacher.backbone, knn_sets, 0)
+    dense_history: dict[int, dict[str, float]] = {}  # step -> dense metric (step 0: the initialization)
+    if dense_set is not None and start_step == 0:
+        dense_history[0] = log_dense_metric(writer, teacher.backbone, dense_set, 0)
     step = start_step
     data_iter = iter(loader)
     try:
@@ -1027,6 +1033,8 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
                 log_feature_maps(writer, teacher.backbone, pca_images, step)
             if cfg.run.knn_every and (step % cfg.run.knn_every == 0 or step == cfg.optim.iterations):
                 knn_history[step] = log_knn(writer, teacher.backbone, knn_sets, step)
+            if cfg.run.dense_every and (step % cfg.run.dense_every == 0 or step == cfg.optim.iterations):
+                dense_history[step] = log_dense_metric(writer, teacher.backbone, dense_set, step)
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.iterations or stop_now:
@@ -1039,7 +1047,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         del data_iter
 
     summary = {"step": step, "losses": last, "history": term_history.get("total", []), "term_history": term_history,
-               "knn": knn_history, "output_dir": str(out_dir), "stats": stats}
+               "knn": knn_history, "dense": dense_history, "output_dir": str(out_dir), "stats": stats}
     if step == cfg.optim.iterations:
         figure = log_feature_maps(writer, teacher.backbone, pca_images, step)
         if dist_info.is_main:
@@ -1118,6 +1126,9 @@ def main(argv: list[str] | None = None) -> None:
         start = "initialization" if first == 0 else f"step {first}"
         print(f"  k-NN top-1 (k=20) on held-out procedural images (10 classes, chance 10%): "
               f"{100 * knn[first]['top1_k20']:.1f}% at {start} -> {100 * knn[last]['top1_k20']:.1f}% at step {last}")
+    if summary.get("dense"):
+        curve = ", ".join(f"step {s}: {100 * r['miou']:.1f}%" for s, r in sorted(summary["dense"].items()))
+        print(f"  dense metric (ridge-probe mIoU on generated scenes, 11 classes): {curve}")
 
 
 if __name__ == "__main__":

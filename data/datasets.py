@@ -126,7 +126,7 @@ class PathListDataset(ImageDataset):
         return str(self.samples[index][0])
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
@@ -141,7 +141,7 @@ class ImageFolderDataset(PathListDataset):
                 f"dataset folder {str(root)!r} does not exist or is not a folder: pass an existing image folder, "
                 f"a .txt file list, or no path to train on the bundled sample images"
             )
-        paths = sorted(p for p in root.rglob("*") if _is_image_file(p))
+        paths = sorted(p for p in root.rglob("*") if is_image_file(p))
         top_folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
         if paths and all(top_folders):
             self.classes = sorted(set(top_folders))
@@ -228,12 +228,12 @@ PATTERN_FAMILIES = (
 )
 
 
-def _soft(signed_distance: np.ndarray, edge: float) -> np.ndarray:
+def soft_inside(signed_distance: np.ndarray, edge: float) -> np.ndarray:
     """Antialiased inside-mask from a signed distance (negative inside)."""
     return np.clip(0.5 - signed_distance / edge, 0.0, 1.0)
 
 
-def _pattern_mask(family: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator, edge: float) -> np.ndarray:
+def pattern_mask(family: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator, edge: float) -> np.ndarray:
     """Foreground coverage in [0, 1] of one pattern on rotated, centered coordinates u, v (image spans [-1, 1])."""
     radius = np.hypot(u, v)
     frequency = rng.uniform(2.5, 5.0)
@@ -247,25 +247,35 @@ def _pattern_mask(family: str, u: np.ndarray, v: np.ndarray, rng: np.random.Gene
     if family == "dot_lattice":
         return np.clip(0.5 + 4.0 * (np.cos(np.pi * frequency * u) * np.cos(np.pi * frequency * v) - 0.5), 0.0, 1.0)
     if family == "disk":
-        return _soft(radius - size, edge)
+        return soft_inside(radius - size, edge)
     if family == "square":
-        return _soft(np.maximum(np.abs(u), np.abs(v)) - 0.8 * size, edge)
+        return soft_inside(np.maximum(np.abs(u), np.abs(v)) - 0.8 * size, edge)
     if family == "triangle":
         edges = [np.cos(a) * u + np.sin(a) * v for a in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)]
-        return _soft(np.maximum.reduce(edges) - 0.5 * size, edge)
+        return soft_inside(np.maximum.reduce(edges) - 0.5 * size, edge)
     if family == "cross":
         arm, half_width = size, 0.3 * size
         bar_u = np.maximum(np.abs(u) - arm, np.abs(v) - half_width)
         bar_v = np.maximum(np.abs(v) - arm, np.abs(u) - half_width)
-        return _soft(np.minimum(bar_u, bar_v), edge)
+        return soft_inside(np.minimum(bar_u, bar_v), edge)
     if family == "annulus":
-        return _soft(np.abs(radius - size) - 0.25 * size, edge)
+        return soft_inside(np.abs(radius - size) - 0.25 * size, edge)
     # spots: small disks scattered at random
     distance = np.full(u.shape, np.inf)
     for _ in range(int(rng.integers(5, 11))):
         cu, cv = rng.uniform(-0.9, 0.9, size=2)
         distance = np.minimum(distance, np.hypot(u - cu, v - cv) - rng.uniform(0.08, 0.18))
-    return _soft(distance, edge)
+    return soft_inside(distance, edge)
+
+
+def separated_colors(rng: np.random.Generator, min_distance: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Two random RGB colors in [0, 1] (float32) at least `min_distance` apart, so a pattern drawn in one over the
+    other is visible whatever the colors."""
+    first = rng.uniform(0.0, 1.0, size=3)
+    second = rng.uniform(0.0, 1.0, size=3)
+    while np.linalg.norm(second - first) < min_distance:
+        second = rng.uniform(0.0, 1.0, size=3)
+    return first.astype(np.float32), second.astype(np.float32)
 
 
 def procedural_image(index: int, size: int, n_classes: int, seed: int) -> tuple[Image.Image, int]:
@@ -278,13 +288,9 @@ def procedural_image(index: int, size: int, n_classes: int, seed: int) -> tuple[
     center = rng.uniform(-0.3, 0.3, size=2).astype(np.float32)
     u = np.cos(angle) * (x - center[0]) + np.sin(angle) * (y - center[1])
     v = -np.sin(angle) * (x - center[0]) + np.cos(angle) * (y - center[1])
-    coverage = _pattern_mask(PATTERN_FAMILIES[label], u, v, rng, edge=3.0 / size)[..., None]
+    coverage = pattern_mask(PATTERN_FAMILIES[label], u, v, rng, edge=3.0 / size)[..., None]
     # Random, well separated colors: the class is in the shape, not in the mean color.
-    background = rng.uniform(0.0, 1.0, size=3)
-    foreground = rng.uniform(0.0, 1.0, size=3)
-    while np.linalg.norm(foreground - background) < 0.5:
-        foreground = rng.uniform(0.0, 1.0, size=3)
-    background, foreground = background.astype(np.float32), foreground.astype(np.float32)
+    background, foreground = separated_colors(rng)
     gradient_direction = np.float32(rng.uniform(0.0, 2 * np.pi))
     gradient = np.float32(0.15) * (np.cos(gradient_direction) * x + np.sin(gradient_direction) * y)[..., None]
     pixels = (background + gradient) * (1.0 - coverage) + foreground * coverage

@@ -261,7 +261,8 @@ def solve_ridge(stats: RidgeStatistics, alphas: Sequence[float]) -> list[tuple[t
     return solutions
 
 
-def fit_ridge(features: torch.Tensor, targets: torch.Tensor, alphas: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def fit_ridge(features: torch.Tensor, targets: torch.Tensor,
+              alphas: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`solve_ridge` on rows features [M, C] -> targets [M, K]."""
     return solve_ridge(RidgeStatistics.of(features, targets), alphas)
 
@@ -301,7 +302,8 @@ def ridge_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, val_maps: t
     n = len(train_maps)
     n_holdout = max(1, round(n * holdout_fraction))
     if n - n_holdout < 1:
-        raise ValueError(f"the ridge probe needs at least 2 train images (one to fit, one to choose the penalty), got {n}")
+        raise ValueError(f"the ridge probe needs at least 2 train images (one to fit, one to choose the penalty), "
+                         f"got {n}")
     fractions = patch_class_fractions(train_masks, tuple(train_maps.shape[-2:]), n_classes)
     fit = patch_ridge_statistics(train_maps[: n - n_holdout], fractions[: n - n_holdout])
     if fit.n == 0:
@@ -362,7 +364,8 @@ def write_dense_metric(writer, result: dict[str, float], step: int, tag: str = "
     return result
 
 
-def log_dense_metric(writer, backbone: nn.Module, dense_set: DenseSet, step: int, tag: str = "dense") -> dict[str, float]:
+def log_dense_metric(writer, backbone: nn.Module, dense_set: DenseSet, step: int,
+                     tag: str = "dense") -> dict[str, float]:
     """`dense_metric` of `backbone`, written by `write_dense_metric`."""
     return write_dense_metric(writer, dense_metric(backbone, dense_set), step, tag)
 

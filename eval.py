@@ -1,4 +1,5 @@
-"""Evaluate and look at backbone features: k-NN, linear probe, PCA maps and cosine-similarity maps.
+"""Evaluate and look at backbone features: k-NN, linear probe, PCA and cosine-similarity maps, a linear
+segmentation probe and video label propagation.
 
     python eval.py knn --checkpoint runs/demo/teacher_backbone.pth --data procedural
     python eval.py knn --checkpoint CKPT --data /data/imagenet --ks 10 20 100 200   # train/ and val/ class folders
@@ -6,6 +7,8 @@
     python eval.py linear --checkpoint CKPT --data procedural
     python eval.py pca --checkpoint CKPT photo.jpg other.png --size 1024 [--foreground-threshold 0.5]
     python eval.py cosine-map --checkpoint CKPT photo.jpg --patch 10 12
+    python eval.py segment --checkpoint CKPT [--data DATA]   # generated scenes, or DATA/{train,val}/{images,masks}
+    python eval.py track --checkpoint CKPT [--data DAVIS]    # generated videos, or a DAVIS-2017-style folder
 
 Checkpoints (`load_eval_backbone`): a released-format backbone (train.py writes one: teacher_backbone.pth), a
 Hugging Face DINOv3ViTModel state dict, or a full train.py checkpoint, whose EMA teacher backbone is used.
@@ -25,6 +28,17 @@ patches only (first component above a threshold; background black), as in DINOv2
 cosine similarity of one patch to all patches, colored with a viridis-like colormap. Both are upsampled to the
 image (one block per patch) and put next to it; train.py logs them to TensorBoard (`pca_figure`,
 `cosine_map_figure`, `knn_eval`).
+
+Dense evaluation (the metrics, the ridge probe and label propagation live in dense.py, the data in
+data/dense_sets.py). `segment`: a 1x1 linear layer on frozen patch features (the last `--layers` blocks
+concatenated), its logits upsampled bilinearly to the masks; a (learning rate, weight decay) grid trained at once
+by `train_linear_probes` on features sampled at random labeled pixels, the point with the best mIoU on held-out
+train images reported on val (mIoU, pixel accuracy; 255 = ignore), with the closed-form ridge probe that
+train.py logs beside it. `track`: the first frame's masks propagated through each video (context: first frame
+and last 7, top-5 neighbors within 12 patches, softmax at each `--temperatures`), scored with J, F and J&F as
+DAVIS does, and a strip of frames with the masks overlaid. Both print, beside the checkpoint, the same
+architecture at initialization, raw pixels (each patch's pixels as its feature) and the class-token k-NN of the
+checkpoint and of the initialization on the procedural labeled set.
 """
 
 from __future__ import annotations
@@ -898,7 +912,10 @@ def dense_feature_sources(backbone: nn.Module, init: nn.Module, n_layers: int,
 
 
 def class_token_knn(backbones: dict[str, nn.Module], n_train: int, size: int = 128) -> dict[str, float]:
-    """Name -> class-token k-NN top-1 (k=20) on the procedural labeled set (n_train / n_train // 2 images)."""
+    """Name -> class-token k-NN top-1 (k=20) on the procedural labeled set (n_train / n_train // 2 images); {} for
+    n_train = 0."""
+    if n_train == 0:
+        return {}
     sets = load_procedural_sets(n_train, max(1, n_train // 2), size=size, n_classes=10)
     return {name: knn_eval(backbone, *sets, ks=(20,))["top1_k20"] for name, backbone in backbones.items()}
 
@@ -1129,7 +1146,7 @@ class TrackArgs(DenseArgs):
 
     data: str = "generated"  # "generated" (videos made on the fly) or a DAVIS-2017-style folder
     resolution: str = "480p"  # DAVIS: the JPEGImages/ and Annotations/ sub-folder
-    videos: tuple[str, ...] = ()  # DAVIS: only these videos (default: all)
+    videos: tuple[str, ...] = ()  # DAVIS: only these videos (none given: every video)
     size: int | None = None  # shorter side in pixels, then cropped to multiples of 16; None: 224 / 480
     n_videos: int = 6  # generated videos ...
     n_frames: int = 16  # ... of this many frames
@@ -1354,7 +1371,7 @@ def run_segment(args: SegmentArgs) -> dict:
                          "weight_decay": probe["weight_decay"], "ridge_miou": ridge["miou"],
                          "ridge_pixel_accuracy": ridge["pixel_accuracy"]}
         predictions[name] = predict_masks(val_maps[shown], probe["weight"], probe["bias"], (size, size))
-    knn = class_token_knn({"checkpoint": backbone, "same net at init": init}, args.knn_images) if args.knn_images else {}
+    knn = class_token_knn({"checkpoint": backbone, "same net at init": init}, args.knn_images)
 
     print(f"segmentation probes on {train_set.source} (train) and {val_set.source} (val): {len(train_images)} / "
           f"{len(val_images)} images at {size} px, {n_classes} classes, patch tokens of the last {args.layers} "
@@ -1437,7 +1454,7 @@ def run_track(args: TrackArgs) -> dict:
     for (name, temperature), scores in per_object.items():
         j, f = (float(np.mean([score[i] for score in scores])) for i in (0, 1))
         results[name][temperature] = {"J": j, "F": f, "J&F": (j + f) / 2}
-    knn = class_token_knn({"checkpoint": backbone, "same net at init": init}, args.knn_images) if args.knn_images else {}
+    knn = class_token_knn({"checkpoint": backbone, "same net at init": init}, args.knn_images)
     n_objects = len(per_object["checkpoint", args.temperatures[0]])
     print(f"label propagation on {videos.source}: {n_scored} videos, {n_objects} objects, frames at {size} px "
           f"(shorter side); context = first frame + last {args.n_last}, top-{args.topk}, radius {args.radius} patches")

@@ -70,7 +70,7 @@ def _object_coordinates(x: np.ndarray, y: np.ndarray, center, angle: float, scal
 def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """[size, size] float32 in [0, 1]: a random (cells + 1)^2 grid interpolated bilinearly, blotches ~size/cells."""
     grid = rng.uniform(0.0, 1.0, size=(cells + 1, cells + 1)).astype(np.float32)
-    return np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def textured_background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -302,7 +302,8 @@ class SegmentationFolder:
         return str(self.samples[index][0])
 
 
-def resize_pair(image: Image.Image, mask: np.ndarray | None, size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def resize_pair(image: Image.Image, mask: np.ndarray | None,
+                size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(uint8 [3, H, W], uint8 [H, W] or None) with the shorter side resized to `size` (None: as they are): the
     image bicubic with antialiasing, the mask nearest-neighbor (indices must not be blended)."""
     pixels = pil_to_uint8_chw(image)

@@ -1,5 +1,5 @@
 """--run.dense-every in train.py and distill.py: the dense metric (ridge-probe mIoU on generated scenes) reaches
-the summary, TensorBoard and the progress log."""
+the summary, TensorBoard and the progress log; bench/dense_chain.py reads it back from the three demo phases."""
 
 from pathlib import Path
 
@@ -41,3 +41,21 @@ def test_distill_logs_the_dense_metric_of_every_student_and_of_the_teacher(tmp_p
     for tag in ("dense/vit_tiny/miou", "dense/convnext_test/miou"):
         assert [step for step, _ in scalars[tag]] == [0, 2], tag
     assert [step for step, _ in scalars["dense/teacher/miou"]] == [0]
+
+
+def test_the_dense_chain_benchmark_reads_and_plots_the_three_phases(tmp_path):
+    from bench import dense_chain
+
+    flags = ["--model.arch", "vit_tiny", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
+             "--data.batch-size", "2", "--data.n-local-crops", "2", "--data.num-workers", "0", "--run.device", "cpu",
+             "--optim.iterations", "2", "--run.log-every", "1000", "--run.knn-every", "0"]
+    dense_chain.run_chain(tmp_path, flags)
+    rows = dense_chain.read_curve(tmp_path)
+    assert [(r["phase"], r["step"]) for r in rows] == [("demo", 0), ("demo", 2), ("demo-gram", 0), ("demo-gram", 2),
+                                                       ("demo-hrft", 0), ("demo-hrft", 2)]
+    assert [r["chain_step"] for r in rows] == [0, 2, 2, 4, 4, 6]
+    # Each phase starts from the teacher the previous one ended with: the same metric.
+    assert rows[2]["miou"] == pytest.approx(rows[1]["miou"]) and rows[4]["miou"] == pytest.approx(rows[3]["miou"])
+    dense_chain.write_csv(rows, tmp_path / "curve.csv")
+    dense_chain.plot(rows, {"raw pixels, same probe": 0.05, "background everywhere": 0.04}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0 and len((tmp_path / "curve.csv").read_text().splitlines()) == 7

@@ -410,8 +410,14 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last:
 
 
 def upsample_labels(soft_labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[T, K, h, w] soft labels -> [T, H, W] label channel per pixel (bilinear upsampling, then argmax)."""
-    return F.interpolate(soft_labels, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+    """[T, K, h, w] soft labels -> [T, H, W] label channel per pixel: bilinear upsampling, each channel of each frame
+    min-max scaled to [0, 1] (as DINO's evaluation does: an object smaller than a patch, whose labels never
+    outweigh the background's, still shows where its labels are highest), then argmax."""
+    labels = F.interpolate(soft_labels.float(), size=size, mode="bilinear", align_corners=False)
+    low = labels.amin(dim=(-2, -1), keepdim=True)
+    high = labels.amax(dim=(-2, -1), keepdim=True)
+    scaled = torch.where(high > 0, (labels - low) / (high - low).clamp_min(1e-12), labels)
+    return scaled.argmax(dim=1)
 
 
 def track_scores(predicted: torch.Tensor, annotations: Sequence[torch.Tensor | None], object_ids: Sequence[int],

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import eval as ev
-from dense import predict_masks
+from data.dense_sets import generated_video, save_mask
+from dense import predict_masks, region_iou, upsample_labels
 from models.checkpoint import save_official
 from models.vit import LayerScale, build_vit
 from tests.test_dense import blocky_masks
@@ -135,3 +136,23 @@ def test_track_runs_on_a_davis_folder_and_counts_a_broken_frame(tmp_path, checkp
     assert result["frames_skipped"] == 1 and result["videos"] == 2
     with pytest.raises(FileNotFoundError, match="JPEGImages/480p does not exist"):
         ev.run_track(ev.TrackArgs(checkpoint=str(checkpoint), data=str(tmp_path), device="cpu"))
+
+
+def test_track_on_a_still_video_gives_back_the_first_mask(tmp_path, checkpoint):
+    # Every frame is frame 0: each patch finds itself in the context, so propagation can only lose what the patch grid
+    # loses. The bound: the first mask taken to the grid and back (J of that round trip, about 0.46 here).
+    frames, masks = generated_video(0, 1, 128)
+    root = tmp_path / "DAVIS"
+    for t in range(4):
+        (root / "JPEGImages" / "480p" / "still").mkdir(parents=True, exist_ok=True)
+        frames[0].save(root / "JPEGImages" / "480p" / "still" / f"{t:05d}.png")
+        save_mask(masks[0], root / "Annotations" / "480p" / "still" / f"{t:05d}.png")
+    result = ev.run_track(ev.TrackArgs(checkpoint=str(checkpoint), data=str(root), size=128, knn_images=0,
+                                       strip=str(tmp_path / "t.png"), device="cpu"))
+    mask = torch.from_numpy(masks[0])
+    ids = sorted(set(mask.unique().tolist()) - {0})
+    round_trip = torch.tensor([0, *ids])[upsample_labels(ev.first_frame_labels(mask, ids, (8, 8))[None], (128, 128))][0]
+    bound = float(np.mean([region_iou(round_trip == i, mask == i).item() for i in ids]))
+    assert bound > 0.3
+    for name in ("checkpoint", "same net at init", "raw pixels"):
+        assert result[name][0.1]["J"] == pytest.approx(bound, abs=0.05), name

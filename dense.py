@@ -14,7 +14,7 @@ a closed-form segmentation probe and video label propagation.
 - `propagate_labels`: video label propagation as in DINO and the DINOv3 segmentation-tracking notebook. Each frame's
   patches take the labels of their top-k most similar patches among a context of the first frame (ground truth)
   and the last n frames (their propagated labels), within a window of `radius` patches, weighted by a softmax of
-  the cosine similarities at `temperature`.
+  the cosine similarities at `temperature`; `upsample_labels` takes them to pixels.
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_bac
 
 logger = logging.getLogger("dinov3")
 
+# k-NN votes weigh neighbours by exp(cosine similarity / temperature) (DINO's protocol).
+KNN_TEMPERATURE = 0.07
+
 FeatureKind = Literal["cls", "cls+avgpool"]
 
 HOW_TO_GET_A_CHECKPOINT = (
@@ -516,7 +519,7 @@ def _weighted_votes(neighbor_similarity: torch.Tensor, neighbor_labels: torch.Te
 
 def knn_predict(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-    k: int = 20, temperature: float = 0.07, n_classes: int | None = None,
+    k: int = 20, temperature: float = KNN_TEMPERATURE, n_classes: int | None = None,
 ) -> torch.Tensor:
     """Cosine k-NN with temperature-weighted voting (as in DINO's evaluation): class scores [N_test, n_classes]."""
     n_classes = n_classes or int(train_labels.max()) + 1
@@ -528,7 +531,8 @@ def knn_predict(
 
 def knn_topk_accuracy(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
-    ks: Sequence[int] = (20,), temperature: float = 0.07, n_classes: int | None = None, chunk_size: int = 512,
+    ks: Sequence[int] = (20,), temperature: float = KNN_TEMPERATURE, n_classes: int | None = None,
+    chunk_size: int = 512,
 ) -> dict[str, float]:
     """{"top1_k{k}", "top5_k{k}"} for every k of `ks`; one similarity pass for all k, test images in chunks.
 
@@ -564,7 +568,8 @@ def knn_topk_accuracy(
 
 def knn_eval(
     backbone: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
-    val_labels: torch.Tensor, ks: Sequence[int] = (10, 20), temperature: float = 0.07, features: FeatureKind = "cls",
+    val_labels: torch.Tensor, ks: Sequence[int] = (10, 20), temperature: float = KNN_TEMPERATURE,
+    features: FeatureKind = "cls",
     batch_size: int = 64,
 ) -> dict[str, float]:
     """k-NN top-1/top-5 of a backbone on normalized image tensors (e.g. `load_procedural_sets`), for train.py:
@@ -576,7 +581,8 @@ def knn_eval(
 
 
 def knn_accuracy(backbone: torch.nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
-                 test_images: torch.Tensor, test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+                 test_images: torch.Tensor, test_labels: torch.Tensor, k: int = 20,
+                 temperature: float = KNN_TEMPERATURE) -> float:
     """Top-1 k-NN accuracy of the class token (images already normalized tensors)."""
     return knn_eval(backbone, train_images, train_labels, test_images, test_labels, (k,), temperature)[f"top1_k{k}"]
 
@@ -878,7 +884,7 @@ class KnnArgs(DataArgs, BackboneArgs):
     """k-NN classification with class-token (or class + average patch token) features of train and val."""
 
     ks: tuple[int, ...] = (10, 20, 100, 200)  # numbers of neighbors, evaluated in one pass
-    temperature: float = 0.07  # neighbors vote with weight exp(cosine similarity / temperature)
+    temperature: float = KNN_TEMPERATURE  # neighbors vote with weight exp(cosine similarity / temperature)
     features: FeatureKind = "cls"
 
 

@@ -59,6 +59,8 @@ import triton.language as tl
 
 from kernels.common import KernelImpl, interpreting, launch, new_buffer, use_triton
 
+SINKHORN_ITERATIONS = 3  # DINOv3's recipe
+
 OP = "sinkhorn_knopp"
 
 
@@ -154,7 +156,7 @@ def _weighted_sums(matrix: torch.Tensor, weights: torch.Tensor, dim: int) -> tor
 def sinkhorn_knopp_reference(
     logits: torch.Tensor,
     temperature: float,
-    n_iter: int = 3,
+    n_iter: int = SINKHORN_ITERATIONS,
     n_valid: int | torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
@@ -683,7 +685,7 @@ def _sinkhorn_triton(
 def sinkhorn_knopp(
     logits: torch.Tensor,
     temperature: float,
-    n_iter: int = 3,
+    n_iter: int = SINKHORN_ITERATIONS,
     n_valid: int | torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     *,

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.common import KernelImpl
-from kernels.sinkhorn import sinkhorn_knopp
+from kernels.sinkhorn import SINKHORN_ITERATIONS, sinkhorn_knopp
+
+CENTER_MOMENTUM = 0.9  # softmax centering's EMA of the teacher logits (DINOv1/v2)
 
 Centering = Literal["sinkhorn_knopp", "softmax"]
 
@@ -109,8 +111,8 @@ class SelfDistillationLoss(nn.Module):
         out_dim: int,
         student_temp: float = 0.1,
         centering: Centering = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
+        center_momentum: float = CENTER_MOMENTUM,
+        sinkhorn_iterations: int = SINKHORN_ITERATIONS,
         process_group=None,
         sinkhorn_impl: KernelImpl = "auto",
     ) -> None:

@@ -7,8 +7,9 @@
     python eval.py pca --checkpoint CKPT photo.jpg other.png --size 1024 [--foreground-threshold 0.5]
     python eval.py cosine-map --checkpoint CKPT photo.jpg --patch 10 12
 
-Checkpoints (`load_eval_backbone`): a released-format backbone (train.py writes one: teacher_backbone.pth), a
-Hugging Face DINOv3ViTModel state dict, or a full train.py checkpoint, whose EMA teacher backbone is used.
+Checkpoints (`load_eval_backbone`, through models.checkpoint.load_any_backbone): a released-format ViT or ConvNeXt
+backbone (train.py writes one: teacher_backbone.pth), Hugging Face DINOv3ViTModel weights, a full train.py checkpoint,
+whose EMA teacher backbone is used, or a distill.py checkpoint, whose student backbone is used.
 
 Features (`extract_features`): per image, the normed class token and the mean of the normed patch tokens of a
 center crop (shorter side resized to size / crop_fraction, then size x size). k-NN and the linear probe read them
@@ -59,7 +60,9 @@ from data.datasets import (
     ProceduralDataset,
     open_image,
 )
-from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
+from models.checkpoint import backbone_weights, checkpoint_path_or_error, load_any_backbone, read_weights  # noqa: F401
+
+# (backbone_weights and read_weights are not used here: train.py imports them from this module.)
 
 logger = logging.getLogger("dinov3")
 
@@ -68,74 +71,19 @@ KNN_TEMPERATURE = 0.07
 
 FeatureKind = Literal["cls", "cls+avgpool"]
 
-HOW_TO_GET_A_CHECKPOINT = (
-    "pass --checkpoint PATH: a released DINOv3 backbone (.pth), a Hugging Face DINOv3ViTModel state dict, or a "
-    "train.py checkpoint; `make run` trains the demo model and writes runs/demo/teacher_backbone.pth"
-)
-
-
 # ====================================================================================================
 # Backbones
 # ====================================================================================================
 
 
-def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> Path:
-    """The file behind a checkpoint argument: the file itself, a train.py run folder's newest checkpoint, or a
-    Hugging Face save_pretrained folder's model.safetensors; errors end with `how_to_get`."""
-    if checkpoint is None:
-        raise ValueError(f"no checkpoint given: {how_to_get}")
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: {how_to_get}")
-    if path.is_dir():
-        found = runtime.list_checkpoints(path)
-        if found:
-            return found[-1][1]
-        path = path / "model.safetensors"
-        if not path.is_file():
-            raise CheckpointError(
-                f"folder {path.parent} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors "
-                f"(a DINOv3ViTModel.save_pretrained folder, single and unsharded): {how_to_get}"
-            )
-    return path
-
-
-def read_weights(path: Path) -> dict:
-    """The contents of a torch checkpoint file or a safetensors file."""
-    if path.suffix != ".safetensors":
-        return read_checkpoint_file(path)
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error types for a damaged header or data
-        raise CheckpointError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from err
-
-
-def backbone_weights(payload: dict, source: str) -> dict:
-    """The backbone state dict inside a checkpoint: a train.py checkpoint's teacher backbone, else the payload."""
-    if payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
-        return payload
-    teacher = payload.get("teacher")
-    weights = {k[len("backbone."):]: v for k, v in (teacher or {}).items() if k.startswith("backbone.")}
-    if not weights:
-        raise CheckpointError(f"{source} is a train.py checkpoint without teacher backbone weights ('teacher' entry)")
-    return weights
-
-
 def load_eval_backbone(checkpoint: str | Path | dict | None, device: str | torch.device = "cpu") -> nn.Module:
     """A backbone in eval mode on `device` from a checkpoint file (or an in-memory state dict).
 
-    The one place that turns a checkpoint into a backbone: other backbone kinds are added here. Everything
-    downstream needs only `backbone(images)` -> {"x_norm_clstoken": [B, C], "x_norm_patchtokens": [B, P, C]}
-    and `backbone.patch_size`.
+    Which checkpoints turn into which backbone is models.checkpoint.load_any_backbone's business (released ViT and
+    ConvNeXt files, Hugging Face weights, train.py and distill.py checkpoints). Everything downstream needs only
+    `backbone(images)` -> {"x_norm_clstoken": [B, C], "x_norm_patchtokens": [B, P, C]} and `backbone.patch_size`.
     """
-    if isinstance(checkpoint, dict):
-        payload, source = checkpoint, "the given state dict"
-    else:
-        path = checkpoint_path_or_error(checkpoint)
-        payload, source = read_weights(path), str(path)
-    return load_backbone(backbone_weights(payload, source)).to(device).eval()
+    return load_any_backbone(checkpoint).to(device).eval()
 
 
 def checkpoint_fingerprint(source: str | Path | dict) -> str:
@@ -860,7 +808,7 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 @dataclass
 class BackboneArgs:
-    checkpoint: str | None = None  # released DINOv3 backbone, HF DINOv3ViTModel state dict, or train.py checkpoint
+    checkpoint: str | None = None  # released DINOv3 backbone, HF DINOv3ViTModel weights, train.py/distill.py checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

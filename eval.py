@@ -60,9 +60,7 @@ from data.datasets import (
     ProceduralDataset,
     open_image,
 )
-from models.checkpoint import backbone_weights, checkpoint_path_or_error, load_any_backbone, read_weights  # noqa: F401
-
-# (backbone_weights and read_weights are not used here: train.py imports them from this module.)
+from models.checkpoint import checkpoint_path_or_error, load_any_backbone
 
 logger = logging.getLogger("dinov3")
 

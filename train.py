@@ -43,24 +43,22 @@ import runtime
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
 from data.masking import MaskingCollate
-from eval import (
-    backbone_weights,
-    checkpoint_path_or_error,
-    cosine_map_figure,
-    knn_eval,
-    load_eval_images,
-    load_procedural_sets,
-    pca_figure,
-    read_weights,
-    save_png,
-)
+from eval import cosine_map_figure, knn_eval, load_eval_images, load_procedural_sets, pca_figure, save_png
 from kernels.common import KernelImpl
 from kernels.sinkhorn import SINKHORN_ITERATIONS
 from losses.dino import CENTER_MOMENTUM, DINOLoss
 from losses.gram import GramAnchoringLoss, GramTokens, ResizeMode
 from losses.ibot import IBOTLoss
 from losses.koleo import DistributedKoLeoLoss, KoLeoLoss
-from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
+from models.checkpoint import (
+    TRAIN_CHECKPOINT_FORMAT,
+    CheckpointError,
+    backbone_weights,
+    checkpoint_path_or_error,
+    load_backbone,
+    read_checkpoint_file,
+    read_weights,
+)
 from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
 from schedules import Schedule, constant, sqrt_scaled_lr
@@ -79,8 +77,8 @@ VIT7B_GLOBAL_BATCH = 16 * 256
 HRFT_GLOBAL_BATCH = 8 * 256
 VITL_IM1K_GLOBAL_BATCH = 64 * 32
 
-# The defaults of the config groups below are the ViT-7B pretraining config (dinov3_vit7b16_pretrain.yaml);
-# presets change what differs from it.
+# The optimizer, teacher, loss, augmentation and crop-size defaults below are the ViT-7B pretraining config's
+# (dinov3_vit7b16_pretrain.yaml); presets change what differs from it.
 
 
 @dataclass
@@ -107,8 +105,8 @@ class DataConfig:
     path: str | None = None  # image folder or .txt file list; None = the photos bundled with scikit-image/learn
     batch_size: int = 64  # per rank; global batch = batch_size x world size
     num_workers: int = 8
-    global_size: int = 256
-    local_size: int = 112
+    global_size: int = CropSizes.global_size
+    local_size: int = CropSizes.local_size
     mask_probability: float = MaskingCollate.mask_probability  # fraction of global crops that get iBOT masks
     mask_ratio: tuple[float, float] = MaskingCollate.mask_ratio  # fraction of patches masked in a masked crop
     # Side of the Gram teacher's crops (same region as each global crop; 2x in the recipe). None: the Gram
@@ -236,8 +234,8 @@ def _demo() -> TrainConfig:
 
     Departures from the recipe: LayerScale starts at 1.0 (at 1e-5 the class token of a fresh net is the same for
     every image, so the teacher's targets carry no signal until the blocks grow), the teacher temperature stays
-    at 0.04, flips are on (as DINOv2), and the schedules are minutes long. Even so a run of minutes does not learn
-    features that beat its initialization: docs/ablations.md measures these and the other knobs, and says why.
+    at 0.04, flips are on (as DINOv2), and the schedules are minutes long. Even so a run of minutes ends near what raw
+    pixels give: docs/ablations.md measures these and the other knobs, and says why.
     """
     return TrainConfig(
         model=ModelConfig(arch="vit_tiny", layerscale_init=1.0, dino_prototypes=1024, dino_hidden=512,

@@ -170,12 +170,15 @@ def test_schedule_rejects_impossible_lengths():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_param_groups_follow_the_official_rules():
-    cfg = train.parse_config(["demo", "--model.arch", "vit_tiny"])
+@pytest.mark.parametrize("name, decay", [("vit7b16", 0.98), ("gram-anchor", 0.98), ("hrft", 0.98),
+                                         ("vitl16-im1k", 0.9)])
+def test_param_groups_follow_the_official_rules(name, decay):
+    """Each preset's optimizer settings on a small ViT (the rules depend on names and depth, not on width)."""
+    cfg = train.parse_config(["demo"])
     student, _ = train.build_student_teacher(cfg)
-    groups = train.param_groups(student, cfg.optim)
+    groups = train.param_groups(student, preset(name).optim)
     of = {id(p): g for g in groups for p in g["params"]}
-    depth, decay = 4, cfg.optim.layerwise_decay
+    depth = 4
     named = dict(student.named_parameters())
 
     def group(name):

@@ -273,6 +273,7 @@ def _vit7b() -> TrainConfig:
         model=ModelConfig(arch="vit_7b", drop_path_rate=0.4, dino_prototypes=262144, dino_hidden=8192,
                           dino_bottleneck=512, ibot_prototypes=98304, ibot_hidden=4096, ibot_bottleneck=384),
         data=DataConfig(batch_size=VIT7B_GLOBAL_BATCH // 256),
+        # The official config also compiles the model (train.compile: true); --run.compile does that here.
         run=RunConfig(output_dir="runs/vit7b16", parallel="fsdp", activation_checkpointing=True),
     )
 

@@ -71,7 +71,6 @@ from dense import DenseSet, dense_metric, fast_dense_set, log_dense_metric, writ
 from eval import pca_figure, save_png
 from kernels.common import KernelImpl
 from losses.ibot import ibot_mask_weights
-from losses.koleo import DistributedKoLeoLoss
 from models.checkpoint import (
     DISTILL_FORMAT,
     TRAIN_CHECKPOINT_FORMAT,
@@ -82,8 +81,9 @@ from models.checkpoint import (
     read_checkpoint_file,
 )
 from models.convnext import CONVNEXT_ARCHS, MIN_INPUT_SIZE, MaskMode, build_convnext
-from models.heads import DINOHead, drop_last_layer_grads
+from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
+from schedules import Schedule, constant, cosine_between
 
 logger = logging.getLogger("dinov3")
 
@@ -105,6 +105,8 @@ class TeacherConfig:
     arch: str | None = None  # backbone-only files: ViT preset (None: inferred from the shapes)
     attn_impl: AttnImpl = "auto"
     kernel_impl: KernelImpl = "auto"  # Sinkhorn-Knopp: Triton on CUDA, PyTorch reference on CPU
+    # Temperature of the teacher's targets (the frozen teacher has no momentum).
+    temp: Schedule = field(default_factory=lambda: train.TeacherConfig().temp)
 
 
 @dataclass
@@ -120,12 +122,12 @@ class StudentConfig:
 
 @dataclass
 class PhasesConfig:
-    cooldown_iterations: int = 0  # after optim.iterations: cosine lr decay to optim.min_lr
+    cooldown_iterations: int = 0  # after optim.iterations: cosine lr decay to cooldown_end_lr
+    cooldown_end_lr: float = 1e-6
     high_res_iterations: int = 0  # after the cooldown: mixed-resolution crops, no Gram loss
-    # (global size, local size, probability) per step; the paper's high-resolution choices, Gram sizes dropped.
-    high_res_sizes: tuple[tuple[int, int, float], ...] = (
-        (512, 112, 0.3), (768, 112, 0.3), (768, 168, 0.3), (768, 224, 0.05), (768, 336, 0.05),
-    )
+    # (global size, local size, probability) per step; the official high-resolution choices, Gram sizes dropped.
+    high_res_sizes: tuple[tuple[int, int, float], ...] = tuple(
+        (g, local, p) for (g, local, _), p in zip(train.OFFICIAL_HRFT_SIZES, train.OFFICIAL_HRFT_PROBABILITIES))
 
 
 @dataclass
@@ -136,7 +138,8 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: train.DataConfig = field(default_factory=train.DataConfig)  # batch_size: per rank (the teacher's shard)
-    optim: train.OptimConfig = field(default_factory=train.OptimConfig)  # momentum fields unused: no EMA
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: train.OptimConfig = field(default_factory=train.OptimConfig)
     loss: train.LossConfig = field(default_factory=train.LossConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     run: train.RunConfig = field(default_factory=lambda: train.RunConfig(output_dir="runs/distill"))
@@ -146,10 +149,11 @@ def _demo() -> DistillConfig:
     """train.py's demo teacher (vit_tiny, 300 steps) into a vit_tiny and a ConvNeXt-Tiny: CPU, a few minutes."""
     return DistillConfig(
         students="vit_tiny,convnext_tiny",
-        teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000300.pth"),
-        data=train.DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48, n_local_crops=4),
-        optim=train.OptimConfig(iterations=40, lr=5e-4, warmup_iterations=10, freeze_last_layer_iterations=10,
-                                teacher_temp_warmup_iterations=0),
+        teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000300.pth", temp=constant(0.07)),
+        data=train.DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48),
+        augment=train.PRESETS["demo"][1].augment,
+        optim=train.OptimConfig(iterations=40, lr=Schedule(peak=5e-4, start=0.0, warmup_iterations=10),
+                                freeze_last_layer_iterations=10),
         phases=PhasesConfig(cooldown_iterations=10, high_res_iterations=6,
                             high_res_sizes=((128, 48, 0.5), (160, 64, 0.5))),
         run=train.RunConfig(output_dir="runs/demo_distill", log_every=10, checkpoint_every=20),
@@ -161,7 +165,9 @@ def _paper() -> DistillConfig:
     pretrain = train.PRESETS["vit7b16"][1]
     return DistillConfig(
         students="vit_small,vit_base,vit_large",
+        teacher=TeacherConfig(temp=pretrain.teacher.temp),
         data=dataclasses.replace(pretrain.data),
+        augment=pretrain.augment,
         optim=dataclasses.replace(pretrain.optim),
         loss=dataclasses.replace(pretrain.loss),
         phases=PhasesConfig(cooldown_iterations=250_000, high_res_iterations=10_000),
@@ -352,7 +358,7 @@ class Student(nn.Module):
 
     def forward(self, global_crops, local_crops, masks, mask_indices=None):
         """Class-head outputs of every crop (crop-major), patch-head outputs of the global crops' patches (only the
-        masked ones when mask_indices is given, else all [2B, P, .]), and the first global crop's class tokens."""
+        masked ones when mask_indices is given, else all [2B, P, .]), and the global crops' class tokens [2B, C]."""
         crops = [global_crops] + ([local_crops] if local_crops.numel() else [])
         outs = self.backbone(crops, [masks] + [None] * (len(crops) - 1))
         cls_tokens = torch.cat([o["x_norm_clstoken"] for o in outs])
@@ -471,10 +477,10 @@ class FeatureLosses(nn.Module):
     def __init__(self, cfg: train.LossConfig, group):
         super().__init__()
         self.cfg = cfg
-        self.koleo = DistributedKoLeoLoss(group_size=cfg.koleo_group_size, process_group=group)
+        self.koleo = train.build_koleo(cfg, group)
 
     def forward(self, student_out, batch: dict) -> dict[str, torch.Tensor]:
-        cls_projected, patches_projected, cls_first_global = student_out
+        cls_projected, patches_projected, cls_global = student_out
         teacher_cls = batch["teacher_cls"]  # [2B, C_t], crop-major
         n_images = teacher_cls.shape[0] // N_GLOBAL
         student_cls = cls_projected.view(-1, n_images, cls_projected.shape[-1])  # [crops, B, C_t]
@@ -483,7 +489,7 @@ class FeatureLosses(nn.Module):
         local_to_global = _cosine_distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
         cls_loss = torch.cat([same_view, local_to_global]).mean()
         patch_loss = _cosine_distance(patches_projected, batch["teacher_patches"]).mean()
-        koleo = self.koleo(cls_first_global[:n_images])  # class tokens of the first global crop
+        koleo = train.koleo_of_crops(self.koleo, cls_global, N_GLOBAL, self.cfg.koleo_crops)
         total = self.cfg.dino_weight * cls_loss + self.cfg.ibot_weight * patch_loss + self.cfg.koleo_weight * koleo
         local = local_to_global.mean() if local_to_global.numel() else cls_loss.new_zeros(())
         return {"total": total, "cls": cls_loss, "cls_global": same_view.mean(), "cls_local": local,
@@ -590,9 +596,8 @@ def train_student_step(run: StudentRun, teacher: Teacher, batch: dict, sched: tr
 
     run.optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
-    if sched.last_layer_frozen and teacher.objective == "heads":
-        drop_last_layer_grads(run.net.class_head, run.net.patch_head)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.optim.clip_grad)
+    # (The prototype layers are frozen by their lr of 0: train.apply_schedules.)
+    grad_norm = train.clip_per_module((run.net.backbone, run.net.class_head, run.net.patch_head), cfg.optim.clip_grad)
     # A finite loss can still have NaN/inf gradients (an overflow in backward): AdamW would write them into the
     # weights, and the next checkpoint would hold a broken student.
     if not _group_finite(grad_norm, run, device):
@@ -710,12 +715,12 @@ def phase_at(step: int, cfg: DistillConfig) -> Literal["main", "cooldown", "high
 def schedules_at(step: int, cfg: DistillConfig) -> train.Schedules:
     """train.py's schedules during the main phase; then a cosine lr cooldown; then the lr the cooldown ended with."""
     main_end = cfg.optim.iterations
-    sched = train.schedules_at(min(step, main_end), cfg.optim)
+    sched = train.schedules_at(min(step, main_end), cfg.optim, train.TeacherConfig(temp=cfg.teacher.temp))
     if step < main_end:
         return sched
     cooldown = cfg.phases.cooldown_iterations
     progress = min(step - main_end, cooldown) / max(cooldown, 1)
-    lr = train.cosine_between(sched.lr, cfg.optim.min_lr, progress) if cooldown else sched.lr
+    lr = cosine_between(sched.lr, cfg.phases.cooldown_end_lr, progress) if cooldown else sched.lr
     return dataclasses.replace(sched, lr=lr)
 
 
@@ -728,10 +733,8 @@ def crop_sizes(phase: str, cfg: DistillConfig) -> CropSizes | CropSizeSchedule:
 
 def build_phase_loader(dataset: ImageDataset, phase: str, start_step: int, cfg: DistillConfig,
                        dist_info: runtime.Dist):
-    augment = AugmentConfig(global_scale=cfg.data.global_scale, local_scale=cfg.data.local_scale,
-                            n_local_crops=cfg.data.n_local_crops)
     return build_loader(
-        dataset, augment, crop_sizes(phase, cfg), batch_size=cfg.data.batch_size, rank=dist_info.rank,
+        dataset, cfg.augment, crop_sizes(phase, cfg), batch_size=cfg.data.batch_size, rank=dist_info.rank,
         world_size=dist_info.world_size, seed=cfg.run.seed, start_step=start_step,
         num_workers=cfg.data.num_workers, patch_size=16, mask_probability=cfg.data.mask_probability,
         mask_ratio=cfg.data.mask_ratio, pin_memory=dist_info.device.type == "cuda",
@@ -741,7 +744,8 @@ def build_phase_loader(dataset: ImageDataset, phase: str, start_step: int, cfg: 
 def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     """Reject impossible settings before the teacher is read; returns the students with their ranks."""
     # The data, optimizer and loss checks are train.py's (every student works on the 16-pixel patch grid).
-    train.validate_config(train.TrainConfig(data=cfg.data, optim=cfg.optim, loss=cfg.loss, run=cfg.run), world_size)
+    train.validate_config(train.TrainConfig(data=cfg.data, augment=cfg.augment, optim=cfg.optim, loss=cfg.loss,
+                                            run=cfg.run), world_size)
     specs = parse_students(cfg.students, world_size, cfg.data.batch_size * world_size)
     problems = []
     if cfg.run.parallel != "ddp":
@@ -753,7 +757,7 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
             crop_sizes("high_res", cfg)
         except ValueError as err:
             problems.append(f"phases.high_res_sizes: {err}")
-    sizes = [cfg.data.global_size, cfg.data.local_size if cfg.data.n_local_crops else cfg.data.global_size]
+    sizes = [cfg.data.global_size, cfg.data.local_size if cfg.augment.n_local_crops else cfg.data.global_size]
     if cfg.phases.high_res_iterations:
         sizes += [s for g, l, _ in cfg.phases.high_res_sizes for s in (g, l)]
     for size in sizes:

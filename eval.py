@@ -10,8 +10,9 @@ segmentation probe and video label propagation.
     python eval.py segment --checkpoint CKPT [--data DATA]   # generated scenes, or DATA/{train,val}/{images,masks}
     python eval.py track --checkpoint CKPT [--data DAVIS]    # generated videos, or a DAVIS-2017-style folder
 
-Checkpoints (`load_eval_backbone`): a released-format backbone (train.py writes one: teacher_backbone.pth), a
-Hugging Face DINOv3ViTModel state dict, or a full train.py checkpoint, whose EMA teacher backbone is used.
+Checkpoints (`load_eval_backbone`, through models.checkpoint.load_any_backbone): a released-format ViT or ConvNeXt
+backbone (train.py writes one: teacher_backbone.pth), Hugging Face DINOv3ViTModel weights, a full train.py checkpoint,
+whose EMA teacher backbone is used, or a distill.py checkpoint, whose student backbone is used.
 
 Features (`extract_features`): per image, the normed class token and the mean of the normed patch tokens of a
 center crop (shorter side resized to size / crop_fraction, then size x size). k-NN and the linear probe read them
@@ -99,81 +100,30 @@ from dense import (
     track_scores,
     upsample_labels,
 )
-from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
+from models.checkpoint import checkpoint_path_or_error, load_any_backbone
+from models.convnext import Block as ConvNeXtBlock
 from models.vit import LayerScale
 
 logger = logging.getLogger("dinov3")
 
+# k-NN votes weigh neighbours by exp(cosine similarity / temperature) (DINO's protocol).
+KNN_TEMPERATURE = 0.07
+
 FeatureKind = Literal["cls", "cls+avgpool"]
-
-HOW_TO_GET_A_CHECKPOINT = (
-    "pass --checkpoint PATH: a released DINOv3 backbone (.pth), a Hugging Face DINOv3ViTModel state dict, or a "
-    "train.py checkpoint; `make run` trains the demo model and writes runs/demo/teacher_backbone.pth"
-)
-
 
 # ====================================================================================================
 # Backbones
 # ====================================================================================================
 
 
-def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> Path:
-    """The file behind a checkpoint argument: the file itself, a train.py run folder's newest checkpoint, or a
-    Hugging Face save_pretrained folder's model.safetensors; errors end with `how_to_get`."""
-    if checkpoint is None:
-        raise ValueError(f"no checkpoint given: {how_to_get}")
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: {how_to_get}")
-    if path.is_dir():
-        found = runtime.list_checkpoints(path)
-        if found:
-            return found[-1][1]
-        path = path / "model.safetensors"
-        if not path.is_file():
-            raise CheckpointError(
-                f"folder {path.parent} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors "
-                f"(a DINOv3ViTModel.save_pretrained folder, single and unsharded): {how_to_get}"
-            )
-    return path
-
-
-def read_weights(path: Path) -> dict:
-    """The contents of a torch checkpoint file or a safetensors file."""
-    if path.suffix != ".safetensors":
-        return read_checkpoint_file(path)
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error types for a damaged header or data
-        raise CheckpointError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from err
-
-
-def backbone_weights(payload: dict, source: str) -> dict:
-    """The backbone state dict inside a checkpoint: a train.py checkpoint's teacher backbone, else the payload."""
-    if payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
-        return payload
-    teacher = payload.get("teacher")
-    weights = {k[len("backbone."):]: v for k, v in (teacher or {}).items() if k.startswith("backbone.")}
-    if not weights:
-        raise CheckpointError(f"{source} is a train.py checkpoint without teacher backbone weights ('teacher' entry)")
-    return weights
-
-
 def load_eval_backbone(checkpoint: str | Path | dict | None, device: str | torch.device = "cpu") -> nn.Module:
     """A backbone in eval mode on `device` from a checkpoint file (or an in-memory state dict).
 
-    The one place that turns a checkpoint into a backbone: other backbone kinds are added here. Everything
-    downstream needs only `backbone(images)` -> {"x_norm_clstoken": [B, C], "x_norm_patchtokens": [B, P, C]}
-    and `backbone.patch_size`.
+    Which checkpoints turn into which backbone is models.checkpoint.load_any_backbone's business (released ViT and
+    ConvNeXt files, Hugging Face weights, train.py and distill.py checkpoints). Everything downstream needs only
+    `backbone(images)` -> {"x_norm_clstoken": [B, C], "x_norm_patchtokens": [B, P, C]} and `backbone.patch_size`.
     """
-    if isinstance(checkpoint, dict):
-        payload, source = checkpoint, "the given state dict"
-    else:
-        path = checkpoint_path_or_error(checkpoint)
-        payload, source = read_weights(path), str(path)
-    return load_backbone(backbone_weights(payload, source)).to(device).eval()
+    return load_any_backbone(checkpoint).to(device).eval()
 
 
 def checkpoint_fingerprint(source: str | Path | dict) -> str:
@@ -528,7 +478,7 @@ def _weighted_votes(neighbor_similarity: torch.Tensor, neighbor_labels: torch.Te
 
 def knn_predict(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-    k: int = 20, temperature: float = 0.07, n_classes: int | None = None,
+    k: int = 20, temperature: float = KNN_TEMPERATURE, n_classes: int | None = None,
 ) -> torch.Tensor:
     """Cosine k-NN with temperature-weighted voting (as in DINO's evaluation): class scores [N_test, n_classes]."""
     n_classes = n_classes or int(train_labels.max()) + 1
@@ -540,7 +490,8 @@ def knn_predict(
 
 def knn_topk_accuracy(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
-    ks: Sequence[int] = (20,), temperature: float = 0.07, n_classes: int | None = None, chunk_size: int = 512,
+    ks: Sequence[int] = (20,), temperature: float = KNN_TEMPERATURE, n_classes: int | None = None,
+    chunk_size: int = 512,
 ) -> dict[str, float]:
     """{"top1_k{k}", "top5_k{k}"} for every k of `ks`; one similarity pass for all k, test images in chunks.
 
@@ -576,7 +527,8 @@ def knn_topk_accuracy(
 
 def knn_eval(
     backbone: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
-    val_labels: torch.Tensor, ks: Sequence[int] = (10, 20), temperature: float = 0.07, features: FeatureKind = "cls",
+    val_labels: torch.Tensor, ks: Sequence[int] = (10, 20), temperature: float = KNN_TEMPERATURE,
+    features: FeatureKind = "cls",
     batch_size: int = 64,
 ) -> dict[str, float]:
     """k-NN top-1/top-5 of a backbone on normalized image tensors (e.g. `load_procedural_sets`), for train.py:
@@ -588,7 +540,8 @@ def knn_eval(
 
 
 def knn_accuracy(backbone: torch.nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
-                 test_images: torch.Tensor, test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+                 test_images: torch.Tensor, test_labels: torch.Tensor, k: int = 20,
+                 temperature: float = KNN_TEMPERATURE) -> float:
     """Top-1 k-NN accuracy of the class token (images already normalized tensors)."""
     return knn_eval(backbone, train_images, train_labels, test_images, test_labels, (k,), temperature)[f"top1_k{k}"]
 
@@ -887,6 +840,8 @@ def initialized_copy(backbone: nn.Module, layerscale_init: float | None = None, 
         for module in fresh.modules():
             if isinstance(module, LayerScale):
                 module.init_value = layerscale_init
+            elif isinstance(module, ConvNeXtBlock):
+                module.layerscale_init = layerscale_init
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh.init_weights()
@@ -1045,7 +1000,7 @@ def track_strip(frames: torch.Tensor, annotations: list, predicted: torch.Tensor
 
 @dataclass
 class BackboneArgs:
-    checkpoint: str | None = None  # released DINOv3 backbone, HF DINOv3ViTModel state dict, or train.py checkpoint
+    checkpoint: str | None = None  # released DINOv3 backbone, HF DINOv3ViTModel weights, train.py/distill.py checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -1069,7 +1024,7 @@ class KnnArgs(DataArgs, BackboneArgs):
     """k-NN classification with class-token (or class + average patch token) features of train and val."""
 
     ks: tuple[int, ...] = (10, 20, 100, 200)  # numbers of neighbors, evaluated in one pass
-    temperature: float = 0.07  # neighbors vote with weight exp(cosine similarity / temperature)
+    temperature: float = KNN_TEMPERATURE  # neighbors vote with weight exp(cosine similarity / temperature)
     features: FeatureKind = "cls"
 
 

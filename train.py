@@ -42,26 +42,27 @@ from torch import nn
 import runtime
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from data.masking import MaskingCollate
 from dense import fast_dense_set, log_dense_metric
-from eval import (
+from eval import cosine_map_figure, knn_eval, load_eval_images, load_procedural_sets, pca_figure, save_png
+from kernels.common import KernelImpl
+from kernels.sinkhorn import SINKHORN_ITERATIONS
+from losses.dino import CENTER_MOMENTUM, DINOLoss
+from losses.gram import GramAnchoringLoss, GramTokens, ResizeMode
+from losses.ibot import IBOTLoss
+from losses.koleo import DistributedKoLeoLoss, KoLeoLoss
+from models.checkpoint import (
+    TRAIN_CHECKPOINT_FORMAT,
+    CheckpointError,
     backbone_weights,
     checkpoint_path_or_error,
-    cosine_map_figure,
-    knn_eval,
-    load_eval_images,
-    load_procedural_sets,
-    pca_figure,
+    load_backbone,
+    read_checkpoint_file,
     read_weights,
-    save_png,
 )
-from kernels.common import KernelImpl
-from losses.dino import DINOLoss
-from losses.gram import GramAnchoringLoss, GramTokens, ResizeMode, gram_weight_at
-from losses.ibot import IBOTLoss
-from losses.koleo import DistributedKoLeoLoss
-from models.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_backbone, read_checkpoint_file
-from models.heads import DINOHead, drop_last_layer_grads
+from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
+from schedules import Schedule, constant, sqrt_scaled_lr
 
 logger = logging.getLogger("dinov3")
 
@@ -71,13 +72,24 @@ logger = logging.getLogger("dinov3")
 # ====================================================================================================
 
 
+# Global batches the official configs were run with (per-GPU batch x GPUs).
+VIT7B_GLOBAL_BATCH = 16 * 256
+# The high-resolution config gives 8 per GPU; the GPU count is the pretraining's 256 (the config does not say).
+HRFT_GLOBAL_BATCH = 8 * 256
+VITL_IM1K_GLOBAL_BATCH = 64 * 32
+
+# The optimizer, teacher, loss, augmentation and crop-size defaults below are the ViT-7B pretraining config's
+# (dinov3_vit7b16_pretrain.yaml); presets change what differs from it.
+
+
 @dataclass
 class ModelConfig:
     arch: Literal[tuple(VIT_ARCHS)] = "vit_small"  # type: ignore[valid-type]
     drop_path_rate: float = 0.0
-    layerscale_init: float = 1e-5
+    layerscale_init: float | None = None  # None: the architecture's own (models/vit.py)
+    # RoPE box jitter drawn per block and crop group (the official ViT) or once per forward; None: the arch's.
+    rope_jitter_per: Literal["block", "forward"] | None = None
     attn_impl: AttnImpl = "auto"
-    rope_rescale: float | None = 2.0  # RoPE-box jittering: [-1,1] -> [-s,s], s log-uniform in [1/2, 2]
     dino_prototypes: int = 65536
     dino_hidden: int = 2048
     dino_bottleneck: int = 256
@@ -94,18 +106,13 @@ class DataConfig:
     path: str | None = None  # image folder or .txt file list; None = the photos bundled with scikit-image/learn
     batch_size: int = 64  # per rank; global batch = batch_size x world size
     num_workers: int = 8
-    global_size: int = 256
-    local_size: int = 112
-    n_local_crops: int = 8
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    photometric: bool = True  # color jitter, grayscale, blur and solarize (off: crops and flips only, an ablation)
-    mask_probability: float = 0.5  # fraction of global crops that get iBOT masks
-    mask_ratio: tuple[float, float] = (0.1, 0.5)  # fraction of patches masked in a masked crop
+    global_size: int = CropSizes.global_size
+    local_size: int = CropSizes.local_size
+    mask_probability: float = MaskingCollate.mask_probability  # fraction of global crops that get iBOT masks
+    mask_ratio: tuple[float, float] = MaskingCollate.mask_ratio  # fraction of patches masked in a masked crop
     # Side of the Gram teacher's crops (same region as each global crop; 2x in the recipe). None: the Gram
     # teacher sees the global crops themselves. Used only with --gram.enabled.
     gram_teacher_size: int | None = None
-    gram_teacher_photometric: bool = True  # the Gram teacher's crops get their global crop's color/blur ops
     # High-resolution adaptation: per-step (global, local, Gram-teacher) sizes drawn with these probabilities;
     # when set they replace global_size, local_size and gram_teacher_size.
     size_schedule: tuple[tuple[int, int, int], ...] = ()
@@ -115,23 +122,26 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     iterations: int = 1_000_000
-    lr: float = 4e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup
-    min_lr: float = 1e-6  # end of the cosine schedule
-    warmup_iterations: int = 100_000
-    weight_decay: float = 0.04
-    weight_decay_end: float | None = None  # cosine from weight_decay to this; None = constant
+    # Effective values: the official configs give base learning rates that their scaling rule multiplies by
+    # 4 sqrt(global batch / 1024) (schedules.sqrt_scaled_lr); each preset states the global batch it assumes.
+    lr: Schedule = field(default_factory=lambda: Schedule(
+        peak=sqrt_scaled_lr(5e-5, VIT7B_GLOBAL_BATCH), start=0.0, warmup_iterations=100_000))
+    weight_decay: Schedule = field(default_factory=lambda: constant(0.04))
+    # The prototypes (the heads' last layers) get learning rate 0 for this many steps.
+    freeze_last_layer_iterations: int = 5_000
     beta1: float = 0.9
     beta2: float = 0.99
     layerwise_decay: float = 0.98
     patch_embed_lr_mult: float = 0.2
-    clip_grad: float = 30.0
-    freeze_last_layer_iterations: int = 1250  # prototypes stay fixed for the first "epoch"
-    momentum: float = 0.994  # teacher EMA
-    momentum_end: float | None = None  # cosine from momentum to this; None = constant
-    teacher_temp: float = 0.07
-    teacher_temp_start: float = 0.04
-    teacher_temp_warmup_iterations: int = 100_000
+    clip_grad: float = 30.0  # on each of backbone, DINO head and iBOT head separately, as the official loop
+
+
+@dataclass
+class TeacherConfig:
+    """The EMA teacher: the temperature of its targets and its momentum."""
+
+    temp: Schedule = field(default_factory=lambda: Schedule(peak=0.07, start=0.04, warmup_iterations=100_000))
+    momentum: Schedule = field(default_factory=lambda: constant(0.994))  # the paper's text: 0.999
 
 
 @dataclass
@@ -139,13 +149,18 @@ class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
-    koleo_group_size: int = 16
+    # "both": the released code's KoLeo, on each global crop's class tokens, (KoLeo(crop 1) + KoLeo(crop 2));
+    # "first": the paper's text, on the first global crop only.
+    koleo_crops: Literal["both", "first"] = "both"
+    # Neighbour sets: None, this rank's batch of each crop (koleo_loss_distributed false); N: groups of N
+    # consecutive images of the global batch, across ranks (the paper's 16; the high-resolution config).
+    koleo_group_size: int | None = None
     student_temp: float = 0.1
     centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
-    # w of the local-crop DINO terms, cosine from dino_local_weight to dino_local_weight_end over the run
-    # (None: constant). 1.0 is the plain DINO loss; the official configs can down-weight local crops.
-    dino_local_weight: float = 1.0
-    dino_local_weight_end: float | None = None
+    sinkhorn_iterations: int = SINKHORN_ITERATIONS
+    center_momentum: float = CENTER_MOMENTUM  # softmax centering only
+    # Weight of the local-crop DINO terms (the official `reweight_dino_local_loss` schedule); 1 is the plain loss.
+    dino_local_weight: Schedule = field(default_factory=lambda: constant(1.0))
 
 
 @dataclass
@@ -153,8 +168,7 @@ class GramConfig:
     """Gram anchoring (paper section 4; recipe: weight 2, update every 10k steps, at most 3 updates)."""
 
     enabled: bool = False
-    weight: float = 2.0
-    weight_warmup_iterations: int = 0  # linear ramp of the weight from start_iteration
+    weight: Schedule = field(default_factory=lambda: constant(2.0))
     # Step at which the loss switches on; without init_from the Gram teacher is the EMA teacher of that step.
     start_iteration: int = 0
     # Gram teacher weights instead: a train.py checkpoint or run folder (its EMA teacher), or a released backbone.
@@ -190,13 +204,16 @@ class RunConfig:
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
     max_nonfinite_skips: int = 10
     dist_timeout_s: float = 600.0
+    print_config: bool = False  # print the resolved config as JSON and exit
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gram: GramConfig = field(default_factory=GramConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -207,113 +224,167 @@ class TrainConfig:
     # From a train.py checkpoint the student takes the student's weights ("student": continue where the run
     # was) or the EMA teacher's ("teacher": the official high-resolution recipe restarts both from the teacher).
     init_student_from: Literal["student", "teacher"] = "student"
+    # With a train.py checkpoint in init_from: take its step, optimizer and loss state too, so this config's
+    # schedules continue that run's step count (the official Gram anchoring config is iterations 1M-1.2M of the
+    # pretraining run) and its data stream goes on where it was.
+    init_continues_run: bool = False
 
 
 def _demo() -> TrainConfig:
     """vit_tiny on generated images (`--data.path procedural`) at small crops: a few minutes on a laptop CPU,
     with the teacher's k-NN accuracy on held-out labeled procedural images at initialization and every 100 steps.
 
-    Two departures from the recipe: LayerScale starts at 1.0 (at 1e-5 the class token of a fresh net is the same
-    for every image, so the teacher's targets carry no signal until the blocks grow) and the teacher temperature
-    stays at 0.04. Even so a run of minutes does not learn features that beat its initialization: docs/ablations.md
-    measures these and the other knobs, and says why.
+    Departures from the recipe: LayerScale starts at 1.0 (at 1e-5 the class token of a fresh net is the same for
+    every image, so the teacher's targets carry no signal until the blocks grow), the teacher temperature stays
+    at 0.04, flips are on (as DINOv2), and the schedules are minutes long. Even so a run of minutes ends near what raw
+    pixels give: docs/ablations.md measures these and the other knobs, and says why.
     """
     return TrainConfig(
         model=ModelConfig(arch="vit_tiny", layerscale_init=1.0, dino_prototypes=1024, dino_hidden=512,
                           dino_bottleneck=128, ibot_prototypes=1024, ibot_hidden=512, ibot_bottleneck=128),
-        data=DataConfig(path="procedural", batch_size=16, num_workers=2, global_size=96, local_size=48,
-                        n_local_crops=4),
-        optim=OptimConfig(iterations=300, lr=1e-3, warmup_iterations=15, freeze_last_layer_iterations=10,
-                          teacher_temp=0.04, teacher_temp_warmup_iterations=0, momentum=0.99),
+        data=DataConfig(path="procedural", batch_size=16, num_workers=2, global_size=96, local_size=48),
+        # Flips and the nominal blur probabilities: the augmentation every measurement in docs/ was made with.
+        augment=AugmentConfig(n_local_crops=4, flip_p=0.5, first_global_blur_p=1.0, second_global_blur_p=0.1),
+        optim=OptimConfig(iterations=300, lr=Schedule(peak=1e-3, start=0.0, warmup_iterations=15),
+                          freeze_last_layer_iterations=10),
+        teacher=TeacherConfig(temp=constant(0.04), momentum=constant(0.99)),
         run=RunConfig(output_dir="runs/demo", log_every=25, checkpoint_every=100, knn_every=100,
                       knn_train_images=1000),
     )
 
 
 def _imagenet_style(arch: str, prototypes: int, batch_size: int, drop_path: float) -> TrainConfig:
+    """A DINOv2-style ViT-S/B/L run on an image folder (not an official DINOv3 config; see vitl16-im1k)."""
     return TrainConfig(
         model=ModelConfig(arch=arch, drop_path_rate=drop_path, dino_prototypes=prototypes,
                           ibot_prototypes=prototypes),
         data=DataConfig(batch_size=batch_size),
-        optim=OptimConfig(iterations=250_000, lr=1e-3, lr_schedule="cosine", warmup_iterations=25_000,
-                          teacher_temp_warmup_iterations=25_000, momentum=0.992, momentum_end=1.0),
+        augment=AugmentConfig(flip_p=0.5),
+        optim=OptimConfig(iterations=250_000, lr=Schedule(peak=1e-3, start=0.0, end=1e-6, warmup_iterations=25_000),
+                          freeze_last_layer_iterations=1250),
+        teacher=TeacherConfig(temp=Schedule(peak=0.07, start=0.04, warmup_iterations=25_000),
+                              momentum=Schedule(peak=0.992, end=1.0)),
         run=RunConfig(output_dir=f"runs/{arch}"),
     )
 
 
 def _vit7b() -> TrainConfig:
-    """The paper's pretraining hyperparameters (section 3 and appendix "Implementation Details")."""
+    """dinov3_vit7b16_pretrain.yaml: 1M steps (1000 epochs of 1000) at a global batch of 4096 (16 x 256 GPUs)."""
+    # Optimizer, teacher, losses and augmentation: the config groups' defaults, which are this config's.
     return TrainConfig(
         model=ModelConfig(arch="vit_7b", drop_path_rate=0.4, dino_prototypes=262144, dino_hidden=8192,
                           dino_bottleneck=512, ibot_prototypes=98304, ibot_hidden=4096, ibot_bottleneck=384),
-        data=DataConfig(batch_size=16),  # x 256 GPUs = 4096
-        optim=OptimConfig(iterations=1_000_000, lr=4e-4, warmup_iterations=100_000, momentum=0.999),
+        data=DataConfig(batch_size=VIT7B_GLOBAL_BATCH // 256),
+        # The official config also compiles the model (train.compile: true); --run.compile does that here.
         run=RunConfig(output_dir="runs/vit7b16", parallel="fsdp", activation_checkpointing=True),
     )
 
 
-# The paper's (global, local, Gram-teacher) crop sizes of high-resolution adaptation and their probabilities.
-PAPER_HRFT_SIZES = ((512, 112, 768), (768, 112, 1152), (768, 168, 1152), (768, 224, 1152), (768, 336, 1152))
-PAPER_HRFT_PROBABILITIES = (0.3, 0.3, 0.3, 0.05, 0.05)
-
-
-def _continuation(cfg: TrainConfig, iterations: int, warmup: int) -> TrainConfig:
-    """A later phase of `cfg`'s run: same model and losses, the plateau of its schedules, no last-layer freeze."""
-    optim = dataclasses.replace(cfg.optim, iterations=iterations, warmup_iterations=warmup,
-                                teacher_temp_start=cfg.optim.teacher_temp, teacher_temp_warmup_iterations=0,
-                                freeze_last_layer_iterations=0)
-    return dataclasses.replace(cfg, optim=optim)
-
-
 def _gram_anchor() -> TrainConfig:
-    """Refinement of the 7B (paper section 4): L_Ref = L_DINO + L_iBOT + 0.1 L_KoLeo + 2 L_Gram, Gram teacher
-    refreshed every 10k steps, 3 times at most, fed 2x crops (512 px for 256 px global crops). The paper gives
-    no length for the web model's refinement; 40k steps covers the three updates and 10k steps after the last."""
-    cfg = _continuation(_vit7b(), iterations=40_000, warmup=0)
+    """dinov3_vit7b16_gram_anchor.yaml: the pretraining run continued to 1.2M steps (`--init-from` its checkpoint
+    at 1M; the run takes that step). From 1M the Gram weight rises by a cosine from 0 to 2 over 1000 steps and the
+    DINO local-crop weight falls from 1 to 0.5; the Gram teacher is the EMA teacher of step 1M, refreshed at 1.01M,
+    1.02M and 1.03M, and sees 512 px crops without photometric distortions."""
+    cfg = _vit7b()
+    refinement_start = 1_000_000
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, gram_teacher_size=512),
-        gram=GramConfig(enabled=True, weight=2.0, update_frequency=10_000, max_updates=3),
+        augment=dataclasses.replace(cfg.augment, gram_teacher_photometric=False),
+        optim=dataclasses.replace(
+            cfg.optim, iterations=1_200_000,
+            lr=Schedule(peak=sqrt_scaled_lr(3e-5, VIT7B_GLOBAL_BATCH), start=0.0, warmup_iterations=100_000)),
+        teacher=dataclasses.replace(cfg.teacher, momentum=constant(0.999)),
+        loss=dataclasses.replace(cfg.loss, dino_local_weight=Schedule(
+            peak=1.0, start=1.0, end=0.5, warmup_iterations=refinement_start, cosine_iterations=1000)),
+        gram=GramConfig(enabled=True, start_iteration=refinement_start, update_frequency=10_000, max_updates=3,
+                        weight=Schedule(peak=0.0, start=0.0, end=2.0, warmup_iterations=refinement_start,
+                                        cosine_iterations=1000)),
+        init_continues_run=True,
         run=dataclasses.replace(cfg.run, output_dir="runs/gram-anchor"),
     )
 
 
+# The official high-resolution (global, local, Gram-teacher) crop sizes and their probabilities.
+OFFICIAL_HRFT_SIZES = ((512, 112, 768), (768, 112, 1152), (768, 168, 1152), (768, 224, 1152), (768, 336, 1152))
+OFFICIAL_HRFT_PROBABILITIES = (0.3, 0.3, 0.3, 0.05, 0.05)
+
+
 def _hrft() -> TrainConfig:
-    """High-resolution adaptation (paper section 5.1): 10k steps, sizes drawn per step from the paper's five
-    triples, Gram loss on with the adapted run's teacher as the (never refreshed) Gram teacher; student and EMA
-    teacher both start from that teacher."""
-    cfg = _continuation(_vit7b(), iterations=10_000, warmup=0)
+    """dinov3_vit7b16_high_res_adapt.yaml: 30k steps (the paper's text says 10k) at a global batch of 2048, sizes
+    drawn per step; student and EMA teacher start from the adapted run's teacher, which is also the (never
+    refreshed) Gram teacher; the lr rises by a half cosine from 0 over the first 10k steps, then stays."""
+    cfg = _vit7b()
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, size_schedule=PAPER_HRFT_SIZES, size_probabilities=PAPER_HRFT_PROBABILITIES),
-        gram=GramConfig(enabled=True, weight=2.0, update_frequency=0),
+        data=dataclasses.replace(cfg.data, batch_size=HRFT_GLOBAL_BATCH // 256, size_schedule=OFFICIAL_HRFT_SIZES,
+                                 size_probabilities=OFFICIAL_HRFT_PROBABILITIES),
+        augment=dataclasses.replace(cfg.augment, gram_teacher_photometric=False),
+        optim=dataclasses.replace(
+            cfg.optim, iterations=30_000, freeze_last_layer_iterations=0,
+            lr=Schedule(peak=0.0, start=0.0, end=sqrt_scaled_lr(1.25e-5, HRFT_GLOBAL_BATCH), cosine_iterations=10_000)),
+        teacher=TeacherConfig(temp=constant(0.07), momentum=constant(0.999)),
+        loss=dataclasses.replace(cfg.loss, koleo_group_size=16, dino_local_weight=constant(0.5)),
+        gram=GramConfig(enabled=True, weight=constant(1.5), update_frequency=0),
         init_student_from="teacher",
-        run=dataclasses.replace(cfg.run, output_dir="runs/hrft"),
+        run=dataclasses.replace(cfg.run, output_dir="runs/hrft", checkpoint_every=250),
     )
+
+
+def _vitl_im1k() -> TrainConfig:
+    """vitl_im1k_lin834.yaml, the official "fast setup" (82.0 k-NN / 83.5 linear on ImageNet-1k): 100 epochs of
+    1250 steps at a global batch of 2048 (64 x 32 GPUs), with its own ViT-L variant (vit_large_im1k). The config
+    uses the older scheduler, whose warmups include their endpoint: its values differ from these by at most one
+    warmup step's increment (under 1e-4 relative). Its RoPE runs in bf16; here in float32."""
+    epoch = 1250
+    return TrainConfig(
+        model=ModelConfig(arch="vit_large_im1k", drop_path_rate=0.3),
+        data=DataConfig(batch_size=VITL_IM1K_GLOBAL_BATCH // 32, global_size=224, local_size=96),
+        augment=AugmentConfig(flip_p=0.5),
+        optim=OptimConfig(
+            iterations=100 * epoch,
+            lr=Schedule(peak=sqrt_scaled_lr(1e-3, VITL_IM1K_GLOBAL_BATCH), start=0.0, end=1e-6,
+                        warmup_iterations=10 * epoch),
+            weight_decay=Schedule(peak=0.04, end=0.4), freeze_last_layer_iterations=epoch, beta2=0.999,
+            layerwise_decay=0.9, clip_grad=3.0),
+        teacher=TeacherConfig(temp=Schedule(peak=0.07, start=0.04, warmup_iterations=30 * epoch),
+                              momentum=Schedule(peak=0.992, end=1.0)),
+        run=RunConfig(output_dir="runs/vitl16-im1k", checkpoint_every=3 * epoch),
+    )
+
+
+def _continuation(cfg: TrainConfig, iterations: int) -> TrainConfig:
+    """A later phase of `cfg`'s run from step 0: same model and losses, the plateau of its schedules, no
+    last-layer freeze (the CPU demo chain)."""
+    plateau = lambda s: constant(s.peak if s.end is None else s.end)  # noqa: E731
+    optim = dataclasses.replace(cfg.optim, iterations=iterations, lr=plateau(cfg.optim.lr),
+                                weight_decay=plateau(cfg.optim.weight_decay), freeze_last_layer_iterations=0)
+    teacher = TeacherConfig(temp=plateau(cfg.teacher.temp), momentum=plateau(cfg.teacher.momentum))
+    return dataclasses.replace(cfg, optim=optim, teacher=teacher)
 
 
 def _demo_gram() -> TrainConfig:
     """`demo` -> Gram anchoring on CPU: 60 steps from runs/demo, Gram teacher on 2x crops (192 px), refreshed at
-    steps 20 and 40."""
-    cfg = _continuation(_demo(), iterations=60, warmup=0)
+    steps 20 and 40 (a short stand-in for gram-anchor: weight 2 from step 0, photometric ops on its crops)."""
+    cfg = _continuation(_demo(), iterations=60)
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, gram_teacher_size=192),
-        gram=GramConfig(enabled=True, weight=2.0, update_frequency=20, max_updates=2),
+        gram=GramConfig(enabled=True, weight=constant(2.0), update_frequency=20, max_updates=2),
         init_from="runs/demo",
         run=dataclasses.replace(cfg.run, output_dir="runs/demo-gram", checkpoint_every=20, knn_every=60),
     )
 
 
 def _demo_hrft() -> TrainConfig:
-    """`demo-gram` -> high-resolution adaptation on CPU: 40 steps from runs/demo-gram; the paper's five size
-    triples scaled to the demo (global 128-160 px instead of 512-768, Gram teacher 1.5x as in the paper)."""
-    cfg = _continuation(_demo(), iterations=40, warmup=0)
+    """`demo-gram` -> high-resolution adaptation on CPU: 40 steps from runs/demo-gram; the official five size
+    triples scaled to the demo (global 128-160 px instead of 512-768, Gram teacher 1.5x as in the config)."""
+    cfg = _continuation(_demo(), iterations=40)
     sizes = ((128, 48, 192), (160, 48, 240), (160, 64, 240), (160, 80, 240), (160, 96, 240))
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, size_schedule=sizes, size_probabilities=PAPER_HRFT_PROBABILITIES),
-        gram=GramConfig(enabled=True, weight=2.0, update_frequency=0),
+        data=dataclasses.replace(cfg.data, size_schedule=sizes, size_probabilities=OFFICIAL_HRFT_PROBABILITIES),
+        gram=GramConfig(enabled=True, weight=constant(2.0), update_frequency=0),
         init_from="runs/demo-gram",
         init_student_from="teacher",
         run=dataclasses.replace(cfg.run, output_dir="runs/demo-hrft", checkpoint_every=20, knn_every=40),
@@ -324,12 +395,13 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "demo": ("vit_tiny on generated images, CPU, a few minutes, k-NN before and after (the default)", _demo()),
     "demo-gram": ("Gram anchoring of the demo run (runs/demo), CPU, a few minutes", _demo_gram()),
     "demo-hrft": ("high-resolution adaptation of runs/demo-gram, CPU, a few minutes", _demo_hrft()),
-    "vits16": ("ViT-S/16 on an image folder (--data.path)", _imagenet_style("vit_small", 65536, 64, 0.1)),
-    "vitb16": ("ViT-B/16 on an image folder (--data.path)", _imagenet_style("vit_base", 65536, 64, 0.1)),
-    "vitl16": ("ViT-L/16 on an image folder (--data.path)", _imagenet_style("vit_large", 65536, 32, 0.3)),
-    "vit7b16": ("the paper's ViT-7B/16 pretraining recipe", _vit7b()),
-    "gram-anchor": ("the paper's Gram anchoring (refinement) of a ViT-7B/16 run: needs --init-from", _gram_anchor()),
-    "hrft": ("the paper's high-resolution adaptation of a ViT-7B/16 run: needs --init-from", _hrft()),
+    "vits16": ("ViT-S/16 on an image folder (--data.path), DINOv2-style schedule", _imagenet_style("vit_small", 65536, 64, 0.1)),
+    "vitb16": ("ViT-B/16 on an image folder (--data.path), DINOv2-style schedule", _imagenet_style("vit_base", 65536, 64, 0.1)),
+    "vitl16": ("ViT-L/16 on an image folder (--data.path), DINOv2-style schedule", _imagenet_style("vit_large", 65536, 32, 0.3)),
+    "vitl16-im1k": ("vitl_im1k_lin834.yaml: ViT-L on ImageNet-1k (--data.path), the official fast setup", _vitl_im1k()),
+    "vit7b16": ("dinov3_vit7b16_pretrain.yaml: the ViT-7B/16 pretraining", _vit7b()),
+    "gram-anchor": ("dinov3_vit7b16_gram_anchor.yaml: Gram anchoring, --init-from the pretraining checkpoint at 1M", _gram_anchor()),
+    "hrft": ("dinov3_vit7b16_high_res_adapt.yaml: high-resolution adaptation, --init-from a checkpoint", _hrft()),
 }
 
 
@@ -343,14 +415,22 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
         problems.append(f"data.local_size={cfg.data.local_size} is smaller than one {patch} px patch")
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be at least 1 (it is per rank)")
-    for name in ("global_scale", "local_scale", "mask_ratio"):
-        lo, hi = getattr(cfg.data, name)
+    for name, (lo, hi) in (("augment.global_scale", cfg.augment.global_scale),
+                           ("augment.local_scale", cfg.augment.local_scale), ("data.mask_ratio", cfg.data.mask_ratio)):
         if not 0 <= lo <= hi <= 1:
-            problems.append(f"data.{name}={(lo, hi)} must satisfy 0 <= low <= high <= 1")
+            problems.append(f"{name}={(lo, hi)} must satisfy 0 <= low <= high <= 1")
     if not 0 <= cfg.data.mask_probability <= 1:
         problems.append(f"data.mask_probability={cfg.data.mask_probability} must be in [0, 1]")
     if cfg.optim.iterations < 1:
         problems.append("optim.iterations must be at least 1")
+    for name, schedule in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay),
+                           ("teacher.temp", cfg.teacher.temp), ("teacher.momentum", cfg.teacher.momentum),
+                           ("loss.dino_local_weight", cfg.loss.dino_local_weight), ("gram.weight", cfg.gram.weight)):
+        problems += schedule.problems(name)
+    if cfg.loss.koleo_group_size is not None and cfg.loss.koleo_group_size < 2:
+        problems.append(f"loss.koleo_group_size={cfg.loss.koleo_group_size} must be >= 2 (or None: the rank's batch)")
+    if cfg.init_continues_run and cfg.init_from is None:
+        problems.append("init_continues_run needs --init-from (the train.py checkpoint whose run to continue)")
     problems += _phase_problems(cfg, patch)
     if cfg.run.parallel == "fsdp" and world_size == 1:
         logger.info("parallel=fsdp with one process: sharding over a single rank (works, saves nothing)")
@@ -376,8 +456,8 @@ def _phase_problems(cfg: TrainConfig, patch: int) -> list[str]:
             problems.append(f"data.size_schedule sizes {sorted(set(bad))} do not fit the patch size {patch}: global and "
                             "Gram-teacher sizes must be positive multiples of it, local sizes at least one patch")
     if gram.enabled:
-        if gram.weight < 0 or gram.start_iteration < 0 or gram.update_frequency < 0 or gram.max_updates < 0:
-            problems.append("gram.weight, gram.start_iteration, gram.update_frequency and gram.max_updates must be >= 0")
+        if gram.start_iteration < 0 or gram.update_frequency < 0 or gram.max_updates < 0:
+            problems.append("gram.start_iteration, gram.update_frequency and gram.max_updates must be >= 0")
         if gram.tokens_used != "all" and gram.img_level:
             problems.append(f"gram.tokens_used={gram.tokens_used!r} needs --gram.no-img-level (a different number of "
                             "patches per image: one Gram matrix over the batch)")
@@ -394,9 +474,10 @@ def _phase_problems(cfg: TrainConfig, patch: int) -> list[str]:
 
 def parse_config(argv: list[str] | None = None, presets: dict | None = None):
     """`train.py [preset] [--field value ...]`; without a preset name, `demo`. distill.py passes its presets.
-    `--deterministic` is short for `--run.deterministic`."""
+    `--deterministic` and `--print-config` are short for `--run.deterministic` and `--run.print-config`."""
     presets = PRESETS if presets is None else presets
-    argv = ["--run.deterministic" if arg == "--deterministic" else arg for arg in (sys.argv[1:] if argv is None else argv)]
+    short = {"--deterministic": "--run.deterministic", "--print-config": "--run.print-config"}
+    argv = [short.get(arg, arg) for arg in (sys.argv[1:] if argv is None else argv)]
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["demo", *argv]
     if argv[0] not in presets and not argv[0].startswith("-"):
@@ -409,15 +490,19 @@ def parse_config(argv: list[str] | None = None, presets: dict | None = None):
 # ====================================================================================================
 
 
+def vit_overrides(cfg: ModelConfig) -> dict:
+    """The ViT fields this config sets on top of its architecture's (models/vit.py holds the defaults)."""
+    fields = {"layerscale_init": cfg.layerscale_init, "rope_jitter_per": cfg.rope_jitter_per}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 class SSLNet(nn.Module):
     """A backbone with its DINO (class token) and iBOT (patch tokens) heads."""
 
     def __init__(self, cfg: ModelConfig, drop_path_rate: float):
         super().__init__()
-        self.backbone: VisionTransformer = build_vit(
-            cfg.arch, drop_path_rate=drop_path_rate, layerscale_init=cfg.layerscale_init,
-            attn_impl=cfg.attn_impl, rope_rescale=cfg.rope_rescale,
-        )
+        self.backbone: VisionTransformer = build_vit(cfg.arch, drop_path_rate=drop_path_rate, attn_impl=cfg.attn_impl,
+                                                     **vit_overrides(cfg))
         dim = self.backbone.embed_dim
         self.dino_head = DINOHead(dim, cfg.dino_prototypes, cfg.dino_hidden, cfg.dino_bottleneck,
                                   normalize_prototypes=cfg.normalize_prototypes)
@@ -443,9 +528,10 @@ class SSLNet(nn.Module):
 
 def build_student_teacher(cfg: TrainConfig) -> tuple[SSLNet, SSLNet]:
     student = SSLNet(cfg.model, cfg.model.drop_path_rate)
-    teacher = SSLNet(cfg.model, drop_path_rate=0.0)  # the EMA teacher never drops paths
+    teacher = SSLNet(cfg.model, drop_path_rate=0.0)
     teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
+    # Evaluation mode, as the official loop keeps it: no dropped paths and no RoPE box jitter for the teacher.
+    teacher.requires_grad_(False).eval()
     return student, teacher
 
 
@@ -454,8 +540,8 @@ def build_gram_teacher(cfg: TrainConfig) -> VisionTransformer | None:
     teacher (`copy_weights`) or from --gram.init-from (`load_gram_teacher`)."""
     if not cfg.gram.enabled:
         return None
-    gram_teacher = build_vit(cfg.model.arch, drop_path_rate=0.0, layerscale_init=cfg.model.layerscale_init,
-                             attn_impl=cfg.model.attn_impl, rope_rescale=cfg.model.rope_rescale)
+    gram_teacher = build_vit(cfg.model.arch, drop_path_rate=0.0, attn_impl=cfg.model.attn_impl,
+                             **vit_overrides(cfg.model))
     return gram_teacher.requires_grad_(False).eval()
 
 
@@ -559,8 +645,10 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(student: SSLNet, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups by (lr multiplier, wd multiplier): layer-wise lr decay, no weight decay on norms/biases/tokens."""
+def param_groups(student: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups as the official code makes them: layer-wise lr decay (`layer_id`), patch embedding lr x
+    patch_embed_lr_mult, no weight decay on biases, norms and LayerScale gammas (the learned tokens do get it),
+    and the prototype layers (`last_layer`) in groups of their own, frozen at lr 0 for the first steps."""
     depth = len(student.backbone.blocks)
     groups: dict[tuple, dict] = {}
     for name, param in student.named_parameters():
@@ -569,15 +657,11 @@ def param_groups(student: SSLNet, cfg: OptimConfig) -> list[dict]:
         lr_mult = cfg.layerwise_decay ** (depth + 1 - layer_id(name, depth))
         if "patch_embed" in name:
             lr_mult *= cfg.patch_embed_lr_mult
-        no_wd = param.ndim == 1 or name.endswith(("cls_token", "storage_tokens", "mask_token")) or "norm" in name
-        key = (lr_mult, 0.0 if no_wd else 1.0)
-        group = groups.setdefault(key, {"params": [], "lr_mult": key[0], "wd_mult": key[1]})
+        no_wd = name.endswith("bias") or "norm" in name or "gamma" in name
+        key = (lr_mult, 0.0 if no_wd else 1.0, "last_layer" in name)
+        group = groups.setdefault(key, {"params": [], "lr_mult": key[0], "wd_mult": key[1], "last_layer": key[2]})
         group["params"].append(param)
     return list(groups.values())
-
-
-def cosine_between(start: float, end: float, progress: float) -> float:
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 @dataclass(frozen=True)
@@ -591,40 +675,50 @@ class Schedules:
     gram_weight: float = 0.0  # 0: no Gram loss this step (and no Gram-teacher forward)
 
 
-def schedules_at(step: int, cfg: OptimConfig, loss: LossConfig | None = None, gram: GramConfig | None = None) -> Schedules:
+def schedules_at(step: int, optim: OptimConfig, teacher: TeacherConfig, loss: LossConfig | None = None,
+                 gram: GramConfig | None = None) -> Schedules:
     """Every scheduled value at `step`: a pure function, so resuming needs only the step."""
-    if step < cfg.warmup_iterations:
-        lr = cfg.lr * step / cfg.warmup_iterations
-    elif cfg.lr_schedule == "cosine":
-        lr = cosine_between(cfg.lr, cfg.min_lr, (step - cfg.warmup_iterations) / max(cfg.iterations - cfg.warmup_iterations, 1))
-    else:
-        lr = cfg.lr
-    progress = step / max(cfg.iterations, 1)
-    wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine_between(cfg.weight_decay, cfg.weight_decay_end, progress)
-    momentum = cfg.momentum if cfg.momentum_end is None else cosine_between(cfg.momentum, cfg.momentum_end, progress)
-    if step < cfg.teacher_temp_warmup_iterations:
-        temp = cfg.teacher_temp_start + (cfg.teacher_temp - cfg.teacher_temp_start) * step / cfg.teacher_temp_warmup_iterations
-    else:
-        temp = cfg.teacher_temp
-    local_weight = 1.0
-    if loss is not None:
-        local_weight = loss.dino_local_weight if loss.dino_local_weight_end is None else cosine_between(
-            loss.dino_local_weight, loss.dino_local_weight_end, progress)
+    total = optim.iterations
     gram_weight = 0.0
-    if gram is not None and gram.enabled:
-        gram_weight = gram_weight_at(step, gram.weight, gram.start_iteration, gram.weight_warmup_iterations)
-    return Schedules(lr, wd, momentum, temp, step < cfg.freeze_last_layer_iterations, local_weight, gram_weight)
+    if gram is not None and gram.enabled and step >= gram.start_iteration:
+        gram_weight = gram.weight.at(step, total)
+    return Schedules(
+        lr=optim.lr.at(step, total),
+        weight_decay=optim.weight_decay.at(step, total),
+        momentum=teacher.momentum.at(step, total),
+        teacher_temp=teacher.temp.at(step, total),
+        last_layer_frozen=step < optim.freeze_last_layer_iterations,
+        dino_local_weight=1.0 if loss is None else loss.dino_local_weight.at(step, total),
+        gram_weight=gram_weight,
+    )
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, sched: Schedules) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = sched.lr * group["lr_mult"]
+        frozen = group.get("last_layer", False) and sched.last_layer_frozen
+        group["lr"] = 0.0 if frozen else sched.lr * group["lr_mult"]
         group["weight_decay"] = sched.weight_decay * group["wd_mult"]
 
 
 # ====================================================================================================
 # Losses of one step
 # ====================================================================================================
+
+
+def build_koleo(loss: LossConfig, process_group=None) -> nn.Module:
+    """KoLeo over each rank's own batch (no group size: no communication), or over groups of
+    loss.koleo_group_size consecutive images of the global batch, even when a group spans ranks."""
+    if loss.koleo_group_size is None:
+        return KoLeoLoss(group_size=None)
+    return DistributedKoLeoLoss(group_size=loss.koleo_group_size, process_group=process_group)
+
+
+def koleo_of_crops(koleo: nn.Module, cls_global: torch.Tensor, n_global: int, crops: str) -> torch.Tensor:
+    """The official objective's KoLeo term: KoLeo of each global crop's class tokens ([n_global * B, C],
+    crop-major), summed over the crops (its code's crop average times n_global); crops="first": the paper's text,
+    the first global crop only."""
+    per_crop = cls_global.unflatten(0, (n_global, -1))
+    return sum(koleo(tokens) for tokens in (per_crop[:1] if crops == "first" else per_crop))
 
 
 class SSLLosses(nn.Module):
@@ -636,12 +730,12 @@ class SSLLosses(nn.Module):
         loss, model = cfg.loss, cfg.model
         self.cfg = loss
         # process_group: the ranks whose samples form the batch (None: all; distill.py: one student's ranks).
-        self.dino = DINOLoss(model.dino_prototypes, student_temp=loss.student_temp, centering=loss.centering,
-                             sinkhorn_impl=model.kernel_impl, process_group=process_group)
-        self.ibot = IBOTLoss(model.ibot_prototypes, student_temp=loss.student_temp, centering=loss.centering,
-                             sinkhorn_impl=model.kernel_impl, process_group=process_group)
-        # Groups of 16 consecutive images of the global batch, even when a group spans ranks.
-        self.koleo = DistributedKoLeoLoss(group_size=loss.koleo_group_size, process_group=process_group)
+        centering = dict(centering=loss.centering, center_momentum=loss.center_momentum,
+                         sinkhorn_iterations=loss.sinkhorn_iterations, sinkhorn_impl=model.kernel_impl,
+                         process_group=process_group)
+        self.dino = DINOLoss(model.dino_prototypes, student_temp=loss.student_temp, **centering)
+        self.ibot = IBOTLoss(model.ibot_prototypes, student_temp=loss.student_temp, **centering)
+        self.koleo = build_koleo(loss, process_group)
         gram = cfg.gram
         self.gram = GramAnchoringLoss(
             normalize=gram.normalize, remove_neg=gram.remove_neg, img_level=gram.img_level,
@@ -653,14 +747,13 @@ class SSLLosses(nn.Module):
                 dino_local_weight: float = 1.0, gram_targets: tuple | None = None, gram_weight: float = 0.0) -> dict:
         """gram_targets: (Gram-teacher patch tokens [2B, P_t, C], their grid, the student's grid) for a step with
         the Gram loss; student_out then holds the student's global-crop patch tokens as its 4th entry."""
-        dino_student, ibot_student, cls_first_global = student_out[:3]
+        dino_student, ibot_student, cls_global = student_out[:3]
         dino_teacher_logits, ibot_teacher_logits = teacher_out
         dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
         ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
         dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
         ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=batch["global_crops"].shape[0])
-        batch_size = batch["global_crops"].shape[0] // n_global
-        koleo = self.koleo(cls_first_global[:batch_size])  # class tokens of the first global crop
+        koleo = koleo_of_crops(self.koleo, cls_global, n_global, self.cfg.koleo_crops)
         total = self.cfg.dino_weight * dino.loss + self.cfg.ibot_weight * ibot + self.cfg.koleo_weight * koleo
         terms = {"dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss, "ibot": ibot,
                  "koleo": koleo}
@@ -707,12 +800,11 @@ def gram_teacher_targets(gram_teacher: VisionTransformer, batch: dict) -> tuple:
 
 def backward_and_update(total: torch.Tensor, student: SSLNet, teacher: SSLNet, optimizer: torch.optim.Optimizer,
                         sched: Schedules, clip_grad: float) -> torch.Tensor:
-    """Backward, last-layer freeze, gradient clipping, AdamW step, EMA teacher update; returns the grad norm."""
+    """Backward, gradient clipping, AdamW step (the frozen prototypes have lr 0: `apply_schedules`), EMA teacher
+    update; returns the norm of all gradients before clipping."""
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    if sched.last_layer_frozen:  # the prototypes stay where they were initialized for a while
-        drop_last_layer_grads(student.dino_head, student.ibot_head)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+    grad_norm = clip_per_module((student.backbone, student.dino_head, student.ibot_head), clip_grad)
     # A finite loss can still have NaN/inf gradients (an overflow in backward): stepping would write them into the
     # weights and the next checkpoint. The norm is the same on every rank (gradients are reduced before it).
     if not torch.isfinite(grad_norm).item():
@@ -720,6 +812,14 @@ def backward_and_update(total: torch.Tensor, student: SSLNet, teacher: SSLNet, o
     optimizer.step()
     ema_update(teacher, student, sched.momentum)
     return grad_norm
+
+
+def clip_per_module(modules: tuple[nn.Module, ...], max_norm: float) -> torch.Tensor:
+    """Clip each module's gradients to `max_norm` on its own (the official loop clips backbone and heads apart,
+    so a head's large gradient does not shrink the backbone's); returns the norm over all of them."""
+    norms = [torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm) for module in modules]
+    norms = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in norms]  # FSDP2: DTensors
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 # ====================================================================================================
@@ -861,13 +961,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _seed_step(student: SSLNet, teacher: SSLNet, seed: int, step: int, rank: int,
-               gram_teacher: VisionTransformer | None = None) -> None:
-    """Per-step seeds: the RoPE box is the same on every rank; drop path differs per rank. Resume-proof."""
+def _seed_step(student: SSLNet, seed: int, step: int, rank: int) -> None:
+    """Per-step seeds: the student's RoPE boxes are the same on every rank (the teachers, in evaluation mode,
+    draw none); drop path differs per rank. Resume-proof."""
     student.backbone.rope_embed.seed(runtime.derived_seed(seed, step, 1))
-    teacher.backbone.rope_embed.seed(runtime.derived_seed(seed, step, 2))
-    if gram_teacher is not None:
-        gram_teacher.rope_embed.seed(runtime.derived_seed(seed, step, 4))
     torch.manual_seed(runtime.derived_seed(seed, step, 3, rank))
 
 
@@ -916,12 +1013,17 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
 
     start_step, stats = 0, {"nonfinite_skips": 0, "images_skipped": 0}
     gram_restored = False
-    if existing:
-        payload = load_checkpoint(existing[-1][1], cfg, student, teacher, optimizer, losses, gram_teacher)
+    restored_from = existing[-1][1] if existing else init_path if cfg.init_continues_run else None
+    if restored_from is not None:
+        payload = load_checkpoint(restored_from, cfg, student, teacher, optimizer, losses, gram_teacher)
         start_step, stats = payload["step"], payload["stats"]
         gram_restored = "gram_teacher" in payload
-        logger.info(f"resumed from {existing[-1][1]} at step {start_step}"
-                    + (f" (--init-from {cfg.init_from} not used: resuming)" if cfg.init_from else ""))
+        how = "resumed from" if existing else "continuing the run of"
+        logger.info(f"{how} {restored_from} at step {start_step}"
+                    + (f" (--init-from {cfg.init_from} not used: resuming)" if existing and cfg.init_from else ""))
+        if start_step >= cfg.optim.iterations:
+            raise CheckpointError(f"{restored_from} is at step {start_step}, not before optim.iterations="
+                                  f"{cfg.optim.iterations}: nothing left to run (raise --optim.iterations)")
     elif init_path is not None:
         initialize_from(init_path, cfg, student, teacher)
     if gram_teacher is not None and not gram_restored:
@@ -930,7 +1032,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
             load_gram_teacher(path, cfg, gram_teacher)
         elif start_step > cfg.gram.start_iteration:
             raise CheckpointError(
-                f"{existing[-1][1]} holds no Gram teacher, but this run's Gram teacher was due at step "
+                f"{restored_from} holds no Gram teacher, but this run's Gram teacher was due at step "
                 f"{cfg.gram.start_iteration} (gram.start_iteration) and the checkpoint is at step {start_step}: "
                 "pass --gram.init-from with the weights to anchor to, or a later --gram.start-iteration")
     if dist_info.is_main:
@@ -949,13 +1051,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=start_step)
 
     sizes = crop_size_schedule(cfg)
-    augment = AugmentConfig(global_scale=cfg.data.global_scale, local_scale=cfg.data.local_scale,
-                            n_local_crops=cfg.data.n_local_crops,
-                            gram_teacher_photometric=cfg.data.gram_teacher_photometric)
-    if not cfg.data.photometric:
-        augment = augment.without_photometric()
     loader = build_loader(
-        dataset, augment, sizes, batch_size=cfg.data.batch_size, rank=dist_info.rank,
+        dataset, dataclasses.replace(cfg.augment, patch_size=student.backbone.patch_size), sizes,
+        batch_size=cfg.data.batch_size, rank=dist_info.rank,
         world_size=dist_info.world_size, seed=cfg.run.seed, start_step=start_step,
         num_workers=cfg.data.num_workers, patch_size=student.backbone.patch_size,
         mask_probability=cfg.data.mask_probability, mask_ratio=cfg.data.mask_ratio,
@@ -984,9 +1082,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         while step < cfg.optim.iterations:
             t0 = time.perf_counter()
             batch = to_device(next(data_iter), device)
-            sched = schedules_at(step, cfg.optim, cfg.loss, cfg.gram)
+            sched = schedules_at(step, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
             apply_schedules(optimizer, sched)
-            _seed_step(student, teacher, cfg.run.seed, step, dist_info.rank, gram_teacher)
+            _seed_step(student, cfg.run.seed, step, dist_info.rank)
             event = gram_teacher_event(step, cfg.gram)
             if event is not None:
                 copy_weights(gram_teacher, teacher.backbone)
@@ -1110,6 +1208,9 @@ def _log_scalars(writer, step, terms, sched, grad_norm, seconds, cfg, dist_info,
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
+    if cfg.run.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return
     try:
         summary = train(cfg)
     finally:

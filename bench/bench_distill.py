@@ -39,7 +39,7 @@ def test_adding_a_student_adds_only_its_training_cost(benchmark):
     sizes = CropSizes(GLOBAL_SIZE, LOCAL_SIZE)
     loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=N_LOCAL), sizes, batch_size=BATCH)
     batch = next(iter(loader))
-    sched = distill.schedules_at(cfg.optim.warmup_iterations, cfg)  # past warmup and the last-layer freeze
+    sched = distill.schedules_at(cfg.optim.lr.warmup_iterations, cfg)  # past warmup and the last-layer freeze
 
     def share():
         return distill.share_batch(batch, teacher(batch["global_crops"]), 0, 1, dist_info)

@@ -11,7 +11,7 @@ average-pooled, centered, cosine k-NN). Training time per checkpoint comes from 
 
     python -m bench.bench_learning                       # the full curve -> runs/bench_learning/
     python -m bench.bench_learning --out docs            # what the README shows (docs/learning_curve.*)
-    python -m bench.bench_learning --steps 300 --eval-every 150 --override --optim.lr 3e-4   # an ablation
+    python -m bench.bench_learning --steps 300 --eval-every 150 --override --optim.lr.peak 3e-4   # an ablation
     pytest bench/bench_learning.py -s -m slow            # the same full curve, printed
 
 It writes learning_curve.csv and learning_curve.png, and prints the table. It never asserts a speed or an
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=FULL_EVAL_EVERY)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "bench_learning")
     parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
-                        help="train.py options for the run, e.g. --override --optim.lr 5e-4")
+                        help="train.py options for the run, e.g. --override --optim.lr.peak 5e-4")
     args = parser.parse_args()
     run(args.preset, args.steps, args.eval_every, args.out, args.override)
 

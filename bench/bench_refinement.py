@@ -52,7 +52,7 @@ optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
 loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=2), CropSizes({global_size}, 112, {gram_size}),
                       batch_size={batch}, num_workers=0)
 batch = {{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}}
-sched = train.schedules_at(10**6, cfg.optim, cfg.loss, cfg.gram)
+sched = train.schedules_at(10**6, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
 autocast = device.type == "cuda"
 
 def step():

@@ -57,7 +57,7 @@ def measure_train_step(
         "demo", "--model.arch", arch, "--model.dino-prototypes", str(prototypes), "--model.ibot-prototypes",
         str(prototypes), "--model.dino-hidden", "2048", "--model.ibot-hidden", "2048", "--model.dino-bottleneck",
         "256", "--model.ibot-bottleneck", "256", "--data.global-size", str(global_size), "--data.local-size",
-        str(local_size), "--data.n-local-crops", "8", "--data.batch-size", str(batch), "--run.device", device,
+        str(local_size), "--augment.n-local-crops", "8", "--data.batch-size", str(batch), "--run.device", device,
         "--model.attn-impl", attn_impl, "--model.kernel-impl", kernel_impl,
     ])
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def measure_train_step(
     loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=8), CropSizes(global_size, local_size),
                           batch_size=batch, num_workers=0)
     batch_data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}
-    sched = train.schedules_at(10**6, cfg.optim)
+    sched = train.schedules_at(10**6, cfg.optim, cfg.teacher)
     autocast = device == "cuda"
 
     def step():

@@ -9,11 +9,11 @@ One image gives 2 global crops, `n_local_crops` local crops and, when asked, 2 G
     out["local_crops"]         # [8, 3, 112, 112]
     out["gram_teacher_crops"]  # [2, 3, 512, 512]; only when CropSizes.gram_teacher_size is set
 
-Recipe (official DINOv2/v3 values, all in `AugmentConfig`): RandomResizedCrop boxes (global scale 0.32-1,
-local 0.05-0.32, aspect 3/4-4/3, bicubic), horizontal flip p 0.5, color jitter p 0.8 (brightness 0.4,
-contrast 0.4, saturation 0.2, hue 0.1, in a random order), grayscale p 0.2, Gaussian blur with sigma uniform
-in [0.1, 2] (p 1.0 first global, 0.1 second global, 0.5 local), solarize at 128/255 with p 0.2 on the second
-global crop only, then ImageNet normalization.
+The recipe is `AugmentConfig` (its defaults are the ViT-7B pretraining config's): RandomResizedCrop boxes,
+horizontal flips, color jitter (the four ops in a random order), grayscale, Gaussian blur, solarize on the
+second global crop only, then ImageNet normalization. The blur probabilities are the ones the official code
+applies: its GaussianBlur(p) hands 1 - p to a RandomApply, so the nominal 1.0 / 0.1 / 0.5 (first global,
+second global, local) of the DINOv2/v3 texts run as 0.0 / 0.9 / 0.5.
 
 How it is fast: every crop is first drawn as explicit parameters (`CropParams`: box, flip, photometric
 choices), then rendered by resampling only the box of the decoded image straight to the output size (crop
@@ -46,7 +46,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 # shift_hue: the hue (in sextants) where each of r, g, b is the minimum, and the hue of each max channel's sector.
 _RAMP_CENTERS = torch.tensor([3.0, 5.0, 1.0]).view(3, 1, 1)
 _HUE_OFFSETS = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1)
@@ -122,34 +121,32 @@ class CropSizeSchedule:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The recipe: probabilities (`*_p`), ranges and strengths of each augmentation; defaults are DINOv2/v3's."""
+    """The recipe: probabilities (`*_p`), ranges and strengths of each augmentation. Defaults: the official ViT-7B
+    pretraining config as its code runs it."""
 
     n_local_crops: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
-    flip_p: float = 0.5
+    aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.0  # horizontal_flips: false in the 7B configs (0.5 in DINOv2 and the ViT-L ImageNet config)
     jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
     hue: float = 0.1
     grayscale_p: float = 0.2
-    first_global_blur_p: float = 1.0
-    second_global_blur_p: float = 0.1
+    # As the official code applies them (see the module docstring); the nominal values are 1.0, 0.1 and 0.5.
+    first_global_blur_p: float = 0.0
+    second_global_blur_p: float = 0.9
     local_blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     second_global_solarize_p: float = 0.2
+    photometric: bool = True  # False: crops and flips only (jitter, grayscale, blur and solarize off), an ablation
+    # The Gram teacher's crops get their global crop's color/blur ops (False: gram_teacher_no_distortions).
     gram_teacher_photometric: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     patch_size: int = 16
-
-    def without_photometric(self) -> AugmentConfig:
-        """Same geometry (same boxes and flips for the same generator), no color, blur or solarize."""
-        return replace(
-            self, jitter_p=0.0, grayscale_p=0.0, first_global_blur_p=0.0, second_global_blur_p=0.0, local_blur_p=0.0,
-            second_global_solarize_p=0.0,
-        )
 
 
 @dataclass(frozen=True)
@@ -179,12 +176,13 @@ class CropParams:
 
 
 def draw_box(
-    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float]
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+    aspect_range: tuple[float, float] = AugmentConfig.aspect_range,
 ) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (top, left, h, w): area fraction in `scale`, aspect in [3/4, 4/3], 10 tries,
+    """RandomResizedCrop's box (top, left, h, w): area fraction in `scale`, aspect in `aspect_range`, 10 tries,
     then the largest central box of an allowed aspect ratio."""
     area = height * width
-    log_lo, log_hi = math.log(CROP_ASPECT_RANGE[0]), math.log(CROP_ASPECT_RANGE[1])
+    log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_lo, log_hi))
@@ -193,10 +191,10 @@ def draw_box(
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     image_aspect = width / height
-    if image_aspect < CROP_ASPECT_RANGE[0]:
-        w, h = width, round(width / CROP_ASPECT_RANGE[0])
-    elif image_aspect > CROP_ASPECT_RANGE[1]:
-        w, h = round(height * CROP_ASPECT_RANGE[1]), height
+    if image_aspect < aspect_range[0]:
+        w, h = width, round(width / aspect_range[0])
+    elif image_aspect > aspect_range[1]:
+        w, h = round(height * aspect_range[1]), height
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
@@ -212,7 +210,7 @@ def draw_crop_params(
 ) -> CropParams:
     """Draw one crop. Every photometric number is drawn whether or not its op fires, so switching ops on or off
     (or changing their probabilities) never changes the boxes of the other crops."""
-    top, left, h, w = draw_box(rng, image_hw[0], image_hw[1], scale)
+    top, left, h, w = draw_box(rng, image_hw[0], image_hw[1], scale, config.aspect_range)
     flip, apply_jitter, apply_gray, apply_blur, apply_solarize = rng.random(5) < (
         config.flip_p, config.jitter_p, config.grayscale_p, blur_p, solarize_p
     )
@@ -391,7 +389,7 @@ class MultiCropAugmentation:
         """Shorter image side needed so that even the smallest box of each crop kind still holds as many pixels
         as its output: decoding a JPEG reduced (PIL draft) down to this side loses nothing."""
         c = self.config
-        smallest_aspect = CROP_ASPECT_RANGE[0]
+        smallest_aspect = c.aspect_range[0]
         global_out = max(sizes.global_size, sizes.gram_teacher_size or 0)
         need_global = global_out / math.sqrt(c.global_scale[0] * smallest_aspect)
         need_local = sizes.local_size / math.sqrt(c.local_scale[0] * smallest_aspect) if c.n_local_crops else 0
@@ -416,9 +414,10 @@ class MultiCropAugmentation:
         sizes.validate(self.config.patch_size)
         pixels = pil_to_uint8_chw(image)
         global_params, local_params = self.draw(rng, (pixels.shape[1], pixels.shape[2]))
-        global_crops = torch.stack([render_crop(pixels, p, sizes.global_size) for p in global_params])
+        photometric = self.config.photometric
+        global_crops = torch.stack([render_crop(pixels, p, sizes.global_size, photometric) for p in global_params])
         local_crops = (
-            torch.stack([render_crop(pixels, p, sizes.local_size) for p in local_params])
+            torch.stack([render_crop(pixels, p, sizes.local_size, photometric) for p in local_params])
             if local_params
             else torch.empty(0, 3, sizes.local_size, sizes.local_size)
         )
@@ -426,7 +425,8 @@ class MultiCropAugmentation:
         if sizes.gram_teacher_size is not None:
             blur_scale = sizes.gram_teacher_size / sizes.global_size
             gram = [
-                render_crop(pixels, p, sizes.gram_teacher_size, self.config.gram_teacher_photometric, blur_scale)
+                render_crop(pixels, p, sizes.gram_teacher_size, photometric and self.config.gram_teacher_photometric,
+                            blur_scale)
                 for p in global_params
             ]
             out["gram_teacher_crops"] = self.normalize_(torch.stack(gram))

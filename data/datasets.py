@@ -441,8 +441,8 @@ def build_loader(
     start_step: int = 0,
     num_workers: int = 0,
     patch_size: int = 16,
-    mask_probability: float = 0.5,
-    mask_ratio: tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = MaskingCollate.mask_probability,
+    mask_ratio: tuple[float, float] = MaskingCollate.mask_ratio,
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """An endless loader of collated batches of `batch_size` images per rank, starting at step `start_step`.

@@ -6,6 +6,7 @@ import os
 from typing import Callable, Literal
 
 import torch
+import torch.distributed as dist
 
 KernelImpl = Literal["auto", "triton", "reference"]
 
@@ -15,6 +16,17 @@ SHARED_MEMORY_LIMITS = {90: 232448, 80: 166912, 86: 101376, 87: 166912, 89: 1013
 # Set by kernels.aot.compile_only(): launches compile for that architecture instead of running (no GPU needed).
 _compile_only_hook: Callable | None = None
 _compile_only_arch: int | None = None
+
+
+def reduction_group(group=None, owner: str = "reduction"):
+    """The process group to all-reduce over (None given: the default group), or None when this process is alone
+    (torch.distributed not initialized, or a group of one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError(f"{owner}: a process group was given but torch.distributed is not initialized")
+        return None
+    group = dist.group.WORLD if group is None else group
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def interpreting() -> bool:

@@ -51,7 +51,6 @@ from kernels.common import (
     shared_memory_limit,
     use_triton,
 )
-from models.rope import apply_rope, rope_angles
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 
@@ -93,6 +92,22 @@ _INTERPRETER_BLOCK_INNER = 16
 # ----------------------------------------------------------------------------------------------------
 # Reference (the specification)
 # ----------------------------------------------------------------------------------------------------
+
+
+def rope_angles(coords: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
+    """Angles [N, D]: 2*pi*coord/period for [axis-h periods, axis-w periods], tiled twice."""
+    angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # [N, 2, D/4]
+    return angles.flatten(1, 2).tile(2)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dimension of x ([..., N, D]) by the angles whose sin/cos are given ([N, D])."""
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_attention_reference(

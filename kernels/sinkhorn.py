@@ -57,7 +57,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels.common import KernelImpl, interpreting, launch, new_buffer, use_triton
+from kernels.common import KernelImpl, interpreting, launch, new_buffer, reduction_group, use_triton
+
+SINKHORN_ITERATIONS = 3  # DINOv3's recipe
 
 OP = "sinkhorn_knopp"
 
@@ -93,16 +95,6 @@ def _check_inputs(logits: torch.Tensor, temperature: float, n_iter: int, n_valid
     if not 0 <= n_valid <= n_rows:
         raise ValueError(f"{OP}: n_valid must lie in [0, {n_rows}] (the number of rows of logits), got {n_valid}")
     return temperature, n_valid
-
-
-def _resolve_group(group):
-    """The process group to all-reduce over, or None when there is nobody to talk to."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError(f"{OP}: a process group was given but torch.distributed is not initialized")
-        return None
-    group = dist.group.WORLD if group is None else group
-    return group if dist.get_world_size(group) > 1 else None
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
@@ -154,13 +146,13 @@ def _weighted_sums(matrix: torch.Tensor, weights: torch.Tensor, dim: int) -> tor
 def sinkhorn_knopp_reference(
     logits: torch.Tensor,
     temperature: float,
-    n_iter: int = 3,
+    n_iter: int = SINKHORN_ITERATIONS,
     n_valid: int | torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Scaling-vector Sinkhorn-Knopp in PyTorch: materializes F once, in the output buffer."""
     temperature, n_valid = _check_inputs(logits, temperature, n_iter, n_valid)
-    group = _resolve_group(group)
+    group = reduction_group(group, OP)
     b_global = _global_count(n_valid, group, logits.device)
     n_protos = logits.shape[1]
     out = _zero_padding_rows(torch.empty(logits.shape, dtype=torch.float32, device=logits.device), n_valid)
@@ -683,7 +675,7 @@ def _sinkhorn_triton(
 def sinkhorn_knopp(
     logits: torch.Tensor,
     temperature: float,
-    n_iter: int = 3,
+    n_iter: int = SINKHORN_ITERATIONS,
     n_valid: int | torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     *,
@@ -702,6 +694,6 @@ def sinkhorn_knopp(
     temperature, n_valid = _check_inputs(logits, temperature, n_iter, n_valid)
     if not use_triton(logits, impl, OP):
         return sinkhorn_knopp_reference(logits, temperature, n_iter, n_valid, group)
-    group = _resolve_group(group)
+    group = reduction_group(group, OP)
     b_global = _global_count(n_valid, group, logits.device)
     return _sinkhorn_triton(logits, temperature, n_iter, n_valid, group, b_global)

@@ -31,8 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.common import KernelImpl
-from kernels.sinkhorn import sinkhorn_knopp
+from kernels.common import KernelImpl, reduction_group
+from kernels.sinkhorn import SINKHORN_ITERATIONS, sinkhorn_knopp
+
+CENTER_MOMENTUM = 0.9  # softmax centering's EMA of the teacher logits (DINOv1/v2)
 
 Centering = Literal["sinkhorn_knopp", "softmax"]
 
@@ -58,14 +60,6 @@ def _valid_rows(owner: str, logits: torch.Tensor, n_valid: int | None) -> int:
     return n_valid
 
 
-def _reduction_group(process_group):
-    """The group to all-reduce over, or None when this process is alone."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = dist.group.WORLD if process_group is None else process_group
-    return group if dist.get_world_size(group) > 1 else None
-
-
 def softmax_centered_probs(
     teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, n_valid: int
 ) -> torch.Tensor:
@@ -86,7 +80,7 @@ def ema_center_update(
     valid = teacher_logits[:n_valid].float()
     # Sum and count travel in one all-reduce.
     sum_and_count = torch.cat([valid.sum(dim=0), valid.new_tensor([n_valid])])
-    group = _reduction_group(process_group)
+    group = reduction_group(process_group)
     if group is not None:
         dist.all_reduce(sum_and_count, group=group)
     count = sum_and_count[-1]
@@ -109,8 +103,8 @@ class SelfDistillationLoss(nn.Module):
         out_dim: int,
         student_temp: float = 0.1,
         centering: Centering = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
+        center_momentum: float = CENTER_MOMENTUM,
+        sinkhorn_iterations: int = SINKHORN_ITERATIONS,
         process_group=None,
         sinkhorn_impl: KernelImpl = "auto",
     ) -> None:

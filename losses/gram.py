@@ -12,8 +12,8 @@ smooths it (paper section 4.3). The loss itself is the fused kernel of kernels/g
 
 `tokens_used` picks the patches that enter the loss: "all" (the recipe), or only the patches the student saw
 "masked" / "unmasked". Those subsets differ in size per image, so they form one Gram matrix over the batch
-(`img_level=False`, the official restriction). The weight follows `gram_weight_at` (zero before the Gram
-teacher exists, then an optional linear ramp to its value; w_Gram = 2 in the paper).
+(`img_level=False`, the official restriction). Its weight is a schedule of the training config (train.py,
+`gram.weight`; w_Gram = 2 in the paper).
 """
 
 from __future__ import annotations
@@ -29,15 +29,6 @@ from kernels.gram import gram_loss
 
 GramTokens = Literal["all", "masked", "unmasked"]
 ResizeMode = Literal["bicubic", "bilinear", "nearest-exact", "area"]
-
-
-def gram_weight_at(step: int, weight: float, start_iteration: int, warmup_iterations: int = 0) -> float:
-    """w_Gram at `step`: 0 before `start_iteration`, then a linear ramp over `warmup_iterations`, then `weight`."""
-    if step < start_iteration:
-        return 0.0
-    if warmup_iterations > 0 and step - start_iteration < warmup_iterations:
-        return weight * (step - start_iteration) / warmup_iterations
-    return weight
 
 
 def resample_patch_grid(

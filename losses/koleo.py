@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.common import reduction_group
+
 LOG_EPS = 1e-8  # inside the log: identical points give a large but finite loss
 NORMALIZE_EPS = 1e-8
 
@@ -150,7 +152,7 @@ class DistributedKoLeoLoss(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         _check_tokens("DistributedKoLeoLoss", tokens)
         points = F.normalize(tokens.float(), p=2, dim=-1, eps=NORMALIZE_EPS)
-        group = self._group()
+        group = reduction_group(self.process_group, "DistributedKoLeoLoss")
         if group is None:
             terms, weights = koleo_terms(points, self.group_size)
             return (weights * terms).sum()
@@ -159,12 +161,6 @@ class DistributedKoLeoLoss(nn.Module):
         terms, weights = koleo_terms(all_points, self.group_size)
         mine = slice(rank * n_local, (rank + 1) * n_local)
         return world_size * (weights[mine] * terms[mine]).sum()
-
-    def _group(self):
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = dist.group.WORLD if self.process_group is None else self.process_group
-        return group if dist.get_world_size(group) > 1 else None
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}"

@@ -1,10 +1,15 @@
-"""Backbone checkpoints: the released DINOv3 format (ours), Hugging Face `DINOv3ViTModel`, and files.
+"""Backbone checkpoints: the released DINOv3 format (ours), Hugging Face `DINOv3ViTModel` / `DINOv3ConvNextModel`,
+train.py and distill.py checkpoints, and files.
 
 Our `VisionTransformer.state_dict()` *is* the released format, so exporting is taking the state dict
 (on the CPU, contiguous) and loading a released file is a strict `load_state_dict`. Hugging Face keeps
-separate q/k/v projections and other names; `hf_to_official` converts them. When no preset is given the
-architecture is inferred from the tensor shapes (embed dim, depth, FFN kind and width, head dim from the
-RoPE periods) and matched against the released presets.
+separate q/k/v projections and other names; `hf_to_official` converts them and `official_to_hf` (with
+`hf_vit_config`) goes the other way; `convnext_to_hf` / `hf_to_convnext` do the same for ConvNeXt. When no
+preset is given the architecture is inferred from the tensor shapes (embed dim, depth, FFN kind and width,
+head dim from the RoPE periods) and matched against the released presets.
+
+`load_any_backbone` is the one place that turns any checkpoint argument the entry points take (a file, a
+train.py run folder, a Hugging Face folder, a state dict) into a ViT or ConvNeXt backbone.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from models.convnext import ConvNeXtConfig, load_convnext
+from models.rope import rope_periods
 from models.vit import VIT_ARCHS, VisionTransformer, ViTConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -53,6 +61,48 @@ def read_checkpoint_file(path: str | Path) -> dict:
     return obj
 
 
+HOW_TO_GET_A_CHECKPOINT = (
+    "pass --checkpoint PATH: a released DINOv3 backbone (.pth), a Hugging Face DINOv3ViTModel state dict or "
+    "save_pretrained folder, or a train.py / distill.py checkpoint; `make run` trains the demo model and writes "
+    "runs/demo/teacher_backbone.pth"
+)
+
+
+def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> Path:
+    """The file behind a checkpoint argument: the file itself, a train.py run folder's newest checkpoint, or a
+    Hugging Face save_pretrained folder's model.safetensors; errors end with `how_to_get`."""
+    import runtime  # the repository root's shared helpers: list_checkpoints knows train.py's file names
+
+    if checkpoint is None:
+        raise ValueError(f"no checkpoint given: {how_to_get}")
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: {how_to_get}")
+    if path.is_dir():
+        found = runtime.list_checkpoints(path)
+        if found:
+            return found[-1][1]
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise CheckpointError(
+                f"folder {path.parent} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors "
+                f"(a DINOv3ViTModel.save_pretrained folder, single and unsharded): {how_to_get}"
+            )
+    return path
+
+
+def read_weights(path: Path) -> dict:
+    """The contents of a torch checkpoint file or a safetensors file."""
+    if path.suffix != ".safetensors":
+        return read_checkpoint_file(path)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for a damaged header or data
+        raise CheckpointError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from err
+
+
 # ----------------------------------------------------------------------------------------------------
 # Formats
 # ----------------------------------------------------------------------------------------------------
@@ -82,6 +132,23 @@ def describe_checkpoint(obj: dict) -> str:
     if "downsample_layers.0.0.weight" in state_dict:
         return "a ConvNeXt backbone (weights only)"
     return f"a dict of {len(obj)} entries that this codebase does not know (first keys: {', '.join(list(obj)[:6])})"
+
+
+def backbone_weights(payload: dict, source: str) -> dict:
+    """The backbone state dict inside a checkpoint: a train.py checkpoint's EMA teacher backbone, a distill.py
+    checkpoint's student backbone, else the payload itself."""
+    kind = payload.get("format")
+    if kind == TRAIN_CHECKPOINT_FORMAT:
+        entry, what = "teacher", "teacher backbone weights ('teacher' entry)"
+    elif kind == DISTILL_FORMAT:
+        entry, what = "student", "student backbone weights ('student' entry)"
+    else:
+        return payload
+    weights = {k[len("backbone."):]: v for k, v in (payload.get(entry) or {}).items() if k.startswith("backbone.")}
+    if not weights:
+        program = "train.py" if kind == TRAIN_CHECKPOINT_FORMAT else "distill.py"
+        raise CheckpointError(f"{source} is a {program} checkpoint without {what}")
+    return weights
 
 
 def detect_format(state_dict: StateDict) -> str:
@@ -127,7 +194,9 @@ def hf_to_official(hf: StateDict, rope_base: float = 100.0, head_dim: int | None
     out["cls_token"] = take("embeddings.cls_token").reshape(1, 1, C)
     out["mask_token"] = take("embeddings.mask_token").reshape(1, C)
     if "embeddings.register_tokens" in hf:
-        out["storage_tokens"] = take("embeddings.register_tokens")
+        registers = take("embeddings.register_tokens")
+        if registers.shape[1] > 0:  # a model without registers keeps a [1, 0, C] tensor in Hugging Face
+            out["storage_tokens"] = registers
     out["patch_embed.proj.weight"] = take("embeddings.patch_embeddings.weight")
     out["patch_embed.proj.bias"] = take("embeddings.patch_embeddings.bias")
     depth = 1 + max(int(m.group(1)) for k in hf if (m := re.match(r"model\.layer\.(\d+)\.", k)))
@@ -165,8 +234,6 @@ def hf_to_official(hf: StateDict, rope_base: float = 100.0, head_dim: int | None
     if unknown:
         raise CheckpointError(f"unknown keys in the Hugging Face state dict: {unknown[:10]}")
     head_dim = head_dim or _guess_head_dim(C, depth)
-    from models.rope import rope_periods
-
     out["rope_embed.periods"] = rope_periods(head_dim, rope_base).float()
     return out
 
@@ -289,3 +356,203 @@ def save_official(model: VisionTransformer, path: str | Path) -> None:
     from runtime import atomic_save  # the repository root's shared helpers (entry points import it too)
 
     atomic_save(export_official(model), Path(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any checkpoint -> a backbone
+# ----------------------------------------------------------------------------------------------------
+
+
+def _is_hf_convnext(state_dict: StateDict) -> bool:
+    return any(k in state_dict for k in ("stages.0.downsample_layers.0.weight",
+                                         "model.stages.0.downsample_layers.0.weight"))
+
+
+def load_any_backbone(checkpoint: str | Path | dict | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> nn.Module:
+    """A ViT or ConvNeXt backbone (CPU, as stored) from a checkpoint argument or an in-memory checkpoint dict.
+
+    Reads released-format ViT and ConvNeXt backbones, Hugging Face DINOv3ViTModel / DINOv3ConvNextModel weights
+    (a state dict file, a .safetensors file or a save_pretrained folder), train.py checkpoints (the EMA teacher's
+    backbone) and distill.py checkpoints (the student's backbone). The architecture comes from the tensor shapes.
+    """
+    if isinstance(checkpoint, dict):
+        payload, source = checkpoint, "the given state dict"
+    else:
+        path = checkpoint_path_or_error(checkpoint, how_to_get)
+        payload, source = read_weights(path), str(path)
+    weights = _strip_prefix(backbone_weights(payload, source))
+    if _is_hf_convnext(weights):
+        weights = hf_to_convnext(weights)
+    if "downsample_layers.0.0.weight" in weights:
+        return load_convnext(weights)
+    if not any(k in weights for k in ("cls_token", "embeddings.cls_token")):
+        raise CheckpointError(
+            f"{source} holds {describe_checkpoint(payload)}, not a backbone: expected a released DINOv3 ViT or "
+            "ConvNeXt backbone, Hugging Face DINOv3ViTModel / DINOv3ConvNextModel weights, or a train.py / distill.py "
+            f"checkpoint; {how_to_get}"
+        )
+    return load_backbone(weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# To Hugging Face (the inverse of hf_to_official; ConvNeXt both ways)
+# ----------------------------------------------------------------------------------------------------
+
+
+def rope_theta_of(periods: torch.Tensor, head_dim: int) -> float:
+    """The base ("rope_theta") of RoPE periods made as base**(4i/D). Periods made otherwise (log-spaced between a
+    min and a max period) have no base, and Hugging Face's DINOv3ViTModel, which rebuilds them from one, cannot
+    hold them: a CheckpointError."""
+    periods = periods.double()
+    # periods[1] = base**(4/D); rounded to 6 digits so float32 periods give 100, not 100.00000381.
+    base = float(f"{periods[1].item() ** (head_dim / 4):.6g}") if periods.numel() > 1 else 100.0
+    if not torch.allclose(periods, rope_periods(head_dim, base), rtol=1e-5, atol=0.0):
+        raise CheckpointError(
+            f"the backbone's RoPE periods {periods[:4].tolist()}... are not base**(4i/{head_dim}) for any base (a "
+            "min/max-period model?); Hugging Face DINOv3ViTModel only rebuilds periods from rope_theta: export it "
+            "to ONNX instead, or keep the released format"
+        )
+    return base
+
+
+def official_to_hf(state_dict: StateDict) -> StateDict:
+    """Released-format ViT weights -> Hugging Face DINOv3ViTModel weights, as save_pretrained writes them
+    (blocks named `layer.N.*`; hf_to_official reads this back).
+
+    The masked qkv bias becomes q/k/v biases with the mask applied (a k bias only where the mask keeps one);
+    the RoPE periods are dropped (Hugging Face rebuilds them from rope_theta: check with rope_theta_of) and so is
+    the 7B's local-crop class norm (used only on local crops during training).
+    """
+    sd = _strip_prefix(state_dict)
+    C = sd["cls_token"].shape[-1]
+    out: StateDict = {
+        "embeddings.cls_token": sd["cls_token"].reshape(1, 1, C),
+        "embeddings.mask_token": sd["mask_token"].reshape(1, 1, C),
+        "embeddings.register_tokens": sd.get("storage_tokens", torch.zeros(1, 0, C, dtype=sd["cls_token"].dtype)),
+        "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
+    }
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"layer.{i}."
+        for norm in ("norm1", "norm2"):
+            out[dst + f"{norm}.weight"] = sd[src + f"{norm}.weight"]
+            out[dst + f"{norm}.bias"] = sd[src + f"{norm}.bias"]
+        for name, weight in zip("qkv", sd[src + "attn.qkv.weight"].chunk(3)):
+            out[dst + f"attention.{name}_proj.weight"] = weight
+        if src + "attn.qkv.bias" in sd:
+            mask = sd[src + "attn.qkv.bias_mask"].to(sd[src + "attn.qkv.bias"].dtype)
+            for name, bias, keep in zip("qkv", (sd[src + "attn.qkv.bias"] * mask).chunk(3), mask.chunk(3)):
+                if name != "k" or keep.any():
+                    out[dst + f"attention.{name}_proj.bias"] = bias
+        out[dst + "attention.o_proj.weight"] = sd[src + "attn.proj.weight"]
+        if src + "attn.proj.bias" in sd:
+            out[dst + "attention.o_proj.bias"] = sd[src + "attn.proj.bias"]
+        out[dst + "layer_scale1.lambda1"] = sd[src + "ls1.gamma"]
+        out[dst + "layer_scale2.lambda1"] = sd[src + "ls2.gamma"]
+        swiglu = src + "mlp.w1.weight" in sd
+        names = {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"} if swiglu else {
+            "fc1": "up_proj", "fc2": "down_proj"
+        }
+        for name, hf_name in names.items():
+            for kind in ("weight", "bias"):
+                if f"{src}mlp.{name}.{kind}" in sd:
+                    out[f"{dst}mlp.{hf_name}.{kind}"] = sd[f"{src}mlp.{name}.{kind}"]
+    key_biases = {f"layer.{i}.attention.k_proj.bias" in out for i in range(depth)}
+    if len(key_biases) > 1:
+        raise CheckpointError("some blocks mask their k bias and others do not; DINOv3ViTModel has one key_bias flag")
+    return out
+
+
+def hf_vit_config(cfg: ViTConfig, state_dict: StateDict) -> dict:
+    """config.json of the Hugging Face DINOv3ViTModel that holds the released-format weights `state_dict` of a
+    ViT with architecture `cfg` (the weights decide the k bias and rope_theta)."""
+    if cfg.rope_normalize != "separate":
+        raise CheckpointError(f"RoPE coordinates normalized by {cfg.rope_normalize!r}: Hugging Face DINOv3ViTModel "
+                              "only has per-axis ('separate') normalization; export it to ONNX instead")
+    sd = _strip_prefix(state_dict)
+    mask = sd.get("blocks.0.attn.qkv.bias_mask")
+    swiglu = cfg.ffn == "swiglu"
+    return {
+        "architectures": ["DINOv3ViTModel"],
+        "model_type": "dinov3_vit",
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.ffn_hidden,
+        "use_gated_mlp": swiglu,
+        "hidden_act": "silu" if swiglu else "gelu",  # both exact, as F.silu / F.gelu in models/vit.py
+        "layer_norm_eps": cfg.norm_eps,
+        "layerscale_value": cfg.layerscale_init,
+        "rope_theta": rope_theta_of(sd["rope_embed.periods"], cfg.head_dim),
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans,
+        "num_register_tokens": cfg.n_storage_tokens,
+        "query_bias": cfg.qkv_bias,
+        "key_bias": mask is not None and bool(mask.chunk(3)[1].any()),
+        "value_bias": cfg.qkv_bias,
+        "proj_bias": cfg.proj_bias,
+        "mlp_bias": cfg.ffn_bias,
+        "pos_embed_shift": cfg.rope_shift,  # training-time RoPE-box jittering, as in models/rope.py
+        "pos_embed_jitter": cfg.rope_jitter,
+        "pos_embed_rescale": cfg.rope_rescale,
+        "image_size": 224,  # not used by the forward (RoPE follows the input size)
+        "dtype": "float32",
+    }
+
+
+# ConvNeXt block parameters: released name -> Hugging Face name.
+_CONVNEXT_BLOCK_NAMES = {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
+                         "pwconv2": "pointwise_conv2", "gamma": "gamma"}
+
+
+def _convnext_key_to_hf(key: str) -> str:
+    if m := re.fullmatch(r"downsample_layers\.(\d)\.(\d)\.(weight|bias)", key):
+        return f"stages.{m[1]}.downsample_layers.{m[2]}.{m[3]}"
+    if (m := re.fullmatch(r"stages\.(\d)\.(\d+)\.(\w+?)(\.weight|\.bias|)", key)) and m[3] in _CONVNEXT_BLOCK_NAMES:
+        return f"stages.{m[1]}.layers.{m[2]}.{_CONVNEXT_BLOCK_NAMES[m[3]]}{m[4]}"
+    if m := re.fullmatch(r"norm\.(weight|bias)", key):
+        return f"layer_norm.{m[1]}"
+    raise CheckpointError(f"unknown key {key!r} in a ConvNeXt state dict")
+
+
+def convnext_to_hf(state_dict: StateDict) -> StateDict:
+    """Released-format ConvNeXt weights -> Hugging Face DINOv3ConvNextModel weights, as save_pretrained writes
+    them (the same tensors under other names)."""
+    return {_convnext_key_to_hf(k): v for k, v in _strip_prefix(state_dict).items()}
+
+
+def hf_to_convnext(hf: StateDict) -> StateDict:
+    """Hugging Face DINOv3ConvNextModel weights (a file, or the model's state_dict() with `model.` in front of the
+    stages) -> released-format ConvNeXt weights."""
+    hf = {k.removeprefix("model."): v for k, v in hf.items()}
+    # The names are a bijection: invert it on the names a ConvNeXt of these depths has.
+    depths = [1 + max(int(k.split(".")[3]) for k in hf if k.startswith(f"stages.{i}.layers.")) for i in range(4)]
+    released = ["norm.weight", "norm.bias"]
+    for i, depth in enumerate(depths):
+        released += [f"downsample_layers.{i}.{j}.{kind}" for j in range(2) for kind in ("weight", "bias")]
+        released += [f"stages.{i}.{j}.{name}{kind}" for j in range(depth) for name in _CONVNEXT_BLOCK_NAMES
+                     for kind in ((".weight", ".bias") if name != "gamma" else ("",))]
+    to_released = {_convnext_key_to_hf(k): k for k in released}
+    unknown = sorted(set(hf) - set(to_released))
+    if unknown:
+        raise CheckpointError(f"unknown keys in the Hugging Face ConvNeXt state dict: {unknown[:10]}")
+    return {to_released[k]: v for k, v in hf.items()}
+
+
+def hf_convnext_config(cfg: ConvNeXtConfig) -> dict:
+    """config.json of the Hugging Face DINOv3ConvNextModel with the architecture `cfg`."""
+    return {
+        "architectures": ["DINOv3ConvNextModel"],
+        "model_type": "dinov3_convnext",
+        "hidden_sizes": list(cfg.dims),
+        "depths": list(cfg.depths),
+        "num_channels": cfg.in_chans,
+        "hidden_act": "gelu",  # exact GELU, as F.gelu in models/convnext.py
+        "layer_norm_eps": cfg.norm_eps,
+        "layer_scale_init_value": cfg.layerscale_init,
+        "image_size": 224,
+        "dtype": "float32",
+    }

@@ -12,8 +12,8 @@ Sizes (ViT-7B pretraining config): DINO head hidden 8192 / bottleneck 512 / 2621
 hidden 4096 (the paper's table says 8192) / bottleneck 384 / 98304 prototypes. Smaller runs use less, e.g.
 hidden 2048, bottleneck 256, 65536 prototypes.
 
-Training recipe detail: the prototype layers stay frozen at the start of training (the first "epochs" of the
-schedule); call `drop_last_layer_grads(head, ...)` between backward and the optimizer step for that.
+Training recipe detail: the prototype layers (`last_layer`) stay frozen at the start of training; the training
+loop gives them a learning rate of 0 for those steps, as the official code does (train.apply_schedules).
 """
 
 from __future__ import annotations
@@ -128,12 +128,3 @@ def build_heads(
     )
     return dino_head, ibot_head
 
-
-def drop_last_layer_grads(*heads: DINOHead) -> None:
-    """Freeze the prototype layers for this step (done at the start of training).
-
-    Sets `last_layer.weight.grad` to None rather than zero so that AdamW skips the parameter entirely: a zero
-    gradient would still move it through weight decay and the moment estimates.
-    """
-    for head in heads:
-        head.last_layer.weight.grad = None

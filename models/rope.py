@@ -24,6 +24,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+# The rotation is the attention kernel's reference math (models import kernels, never the reverse).
+from kernels.rope_attention import apply_rope, rope_angles
+
 CoordNormalization = Literal["separate", "min", "max"]
 
 
@@ -100,22 +103,6 @@ def augment_coords(
         factor = torch.empty(1).uniform_(-log_s, log_s, generator=generator).exp()
         coords *= factor.to(coords.device)
     return coords
-
-
-def rope_angles(coords: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
-    """Angles [N, D]: 2*pi*coord/period for [axis-h periods, axis-w periods], tiled twice."""
-    angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # [N, 2, D/4]
-    return angles.flatten(1, 2).tile(2)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate the last dimension of x ([..., N, D]) by the angles whose sin/cos are given ([N, D])."""
-    return x * cos + rotate_half(x) * sin
 
 
 def rope_tokens(x: torch.Tensor, rope: Rope, n_prefix: int) -> torch.Tensor:

@@ -54,6 +54,9 @@ class ViTConfig:
     rope_shift: float | None = None
     rope_jitter: float | None = None
     rope_rescale: float | None = 2.0  # RoPE-box jittering: box [-1,1] -> [-s,s], s log-uniform in [1/2, 2]
+    # In training, a new box draw for every block and crop group (the official ViT calls its RoPE module inside
+    # the block loop), or one per forward pass and crop size ("forward").
+    rope_jitter_per: Literal["block", "forward"] = "block"
     attn_impl: AttnImpl = "auto"
 
     @property
@@ -77,6 +80,10 @@ VIT_ARCHS: dict[str, ViTConfig] = {
     "vit_base": ViTConfig(embed_dim=768, depth=12, num_heads=12),
     "vit_large": ViTConfig(embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_plus": ViTConfig(embed_dim=1280, depth=32, num_heads=20, ffn="swiglu", ffn_ratio=6.0),
+    # The ViT-L of the official ImageNet-1k "fast setup" (vitl_im1k_lin834.yaml): no registers, a k bias that is
+    # not masked, plain LayerNorm (eps 1e-6), no RoPE rescale jitter.
+    "vit_large_im1k": ViTConfig(embed_dim=1024, depth=24, num_heads=16, n_storage_tokens=0, mask_k_bias=False,
+                                norm_eps=1e-6, rope_rescale=None),
     "vit_7b": ViTConfig(
         embed_dim=4096, depth=40, num_heads=32, ffn="swiglu", ffn_ratio=3.0, swiglu_align=64,
         qkv_bias=False, untie_global_and_local_cls_norm=True,
@@ -362,9 +369,18 @@ class VisionTransformer(nn.Module):
             prefix.append(self.storage_tokens.expand(tokens.shape[0], -1, -1))
         return torch.cat([*prefix, tokens], dim=1), (h, w)
 
-    def _ropes(self, grids: list[tuple[int, int]]) -> dict[tuple[int, int], Rope]:
-        # One box jitter per crop size per forward, shared by every image and every block.
-        return {hw: self.rope_embed(*hw) for hw in dict.fromkeys(grids)}
+    def _ropes(self, grids: list[tuple[int, int]]) -> list[Rope]:
+        """The Rope of each crop group. A draw is shared by the images of a group; with rope_jitter_per="forward"
+        also by the groups of one crop size."""
+        if self.training and self.cfg.rope_jitter_per == "block":
+            return [self.rope_embed(*hw) for hw in grids]
+        by_size = {hw: self.rope_embed(*hw) for hw in dict.fromkeys(grids)}
+        return [by_size[hw] for hw in grids]
+
+    def _jitters_per_block(self) -> bool:
+        embed = self.rope_embed
+        jitters = embed.shift is not None or embed.jitter is not None or embed.rescale is not None
+        return self.training and jitters and self.cfg.rope_jitter_per == "block"
 
     # -- forward -------------------------------------------------------------------------------------
 
@@ -377,8 +393,10 @@ class VisionTransformer(nn.Module):
             tokens.append(t)
             grids.append(hw)
         ropes = self._ropes(grids)
-        for block in self.blocks:
-            tokens = [block(t, ropes[hw], self.n_prefix) for t, hw in zip(tokens, grids)]
+        for i, block in enumerate(self.blocks):
+            if i > 0 and self._jitters_per_block():
+                ropes = self._ropes(grids)
+            tokens = [block(t, rope, self.n_prefix) for t, rope in zip(tokens, ropes)]
         outputs = []
         for index, (x, masks) in enumerate(zip(tokens, masks_list)):
             # By convention the second entry of a training list holds the local crops.
@@ -417,7 +435,7 @@ class VisionTransformer(nn.Module):
         """Outputs of the last `n` blocks (or of the blocks listed in `n`), as the released models give them."""
         tokens, hw = self.prepare_tokens(x, None)
         wanted = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else list(n)
-        rope = self._ropes([hw])[hw]
+        rope = self._ropes([hw])[0]
         outputs = []
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, rope, self.n_prefix)

@@ -4,7 +4,7 @@ import csv
 
 from bench.bench_learning import pixel_features, run
 
-TOY = ["--data.global-size", "32", "--data.local-size", "16", "--data.n-local-crops", "2", "--data.batch-size", "4",
+TOY = ["--data.global-size", "32", "--data.local-size", "16", "--augment.n-local-crops", "2", "--data.batch-size", "4",
        "--data.num-workers", "0", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
        "--run.device", "cpu"]
 

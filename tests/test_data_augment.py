@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from data.augment import (
     solarize,
 )
 from data.datasets import bundled_photo_paths, open_image
+from train import OFFICIAL_HRFT_PROBABILITIES, OFFICIAL_HRFT_SIZES
 
 
 @pytest.fixture(autouse=True)
@@ -168,7 +170,7 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_gram_teacher_crops_align_with_global_crops(photo):
     sizes = CropSizes(96, 32, 192)
-    for config, tolerance in [(AugmentConfig().without_photometric(), 0.05), (AugmentConfig(), 0.12)]:
+    for config, tolerance in [(AugmentConfig(photometric=False), 0.05), (AugmentConfig(), 0.12)]:
         for position in range(6):
             out = MultiCropAugmentation(config)(photo, sample_rng(0, position), sizes)
             gram = F.interpolate(out["gram_teacher_crops"], size=(96, 96), mode="bicubic", antialias=True)
@@ -183,20 +185,15 @@ def test_gram_teacher_crops_can_skip_photometric_ops(photo):
     sizes = CropSizes(64, 32, 128)
     config = AugmentConfig(gram_teacher_photometric=False)
     distorted = MultiCropAugmentation(config)(photo, sample_rng(0, 3), sizes)
-    plain = MultiCropAugmentation(config.without_photometric())(photo, sample_rng(0, 3), sizes)
+    plain = MultiCropAugmentation(replace(config, photometric=False))(photo, sample_rng(0, 3), sizes)
     assert torch.equal(distorted["gram_teacher_crops"], plain["gram_teacher_crops"])
     assert not torch.equal(distorted["global_crops"], plain["global_crops"])
 
 
 def test_crop_size_schedule_is_per_step_deterministic():
     assert CropSizeSchedule()(12345) == CropSizes(256, 112, None)
-    weighted = (
-        (CropSizes(512, 112, 768), 0.3),
-        (CropSizes(768, 112, 1152), 0.3),
-        (CropSizes(768, 160, 1152), 0.3),
-        (CropSizes(768, 224, 1152), 0.05),
-        (CropSizes(768, 336, 1152), 0.05),
-    )
+    # The official high-resolution triples, from their one definition.
+    weighted = tuple((CropSizes(*sizes), p) for sizes, p in zip(OFFICIAL_HRFT_SIZES, OFFICIAL_HRFT_PROBABILITIES))
     schedule = CropSizeSchedule.weighted(weighted, seed=3)
     draws = [schedule(step) for step in range(2000)]
     assert draws == [CropSizeSchedule.weighted(weighted, seed=3)(step) for step in range(2000)]

@@ -47,7 +47,7 @@ def test_the_dense_chain_benchmark_reads_and_plots_the_three_phases(tmp_path):
     from bench import dense_chain
 
     flags = ["--model.arch", "vit_tiny", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
-             "--data.batch-size", "2", "--data.n-local-crops", "2", "--data.num-workers", "0", "--run.device", "cpu",
+             "--data.batch-size", "2", "--augment.n-local-crops", "2", "--data.num-workers", "0", "--run.device", "cpu",
              "--optim.iterations", "2", "--run.log-every", "1000", "--run.knn-every", "0"]
     dense_chain.run_chain(tmp_path, flags)
     rows = dense_chain.read_curve(tmp_path)

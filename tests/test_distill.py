@@ -25,7 +25,7 @@ STUDENTS = "vit_tiny,convnext_test"
 DISTILL_FLAGS = [
     "--teacher.kernel-impl", "reference", "--teacher.attn-impl", "sdpa", "--student.attn-impl", "sdpa",
     "--student.feature-head-hidden", "64", "--data.global-size", "64", "--data.local-size", "32",
-    "--data.n-local-crops", "2", "--data.num-workers", "0", "--optim.warmup-iterations", "2",
+    "--augment.n-local-crops", "2", "--data.num-workers", "0", "--optim.lr.warmup-iterations", "2",
     "--optim.freeze-last-layer-iterations", "1", "--phases.cooldown-iterations", "0",
     "--phases.high-res-iterations", "0", "--run.device", "cpu", "--run.log-every", "1000",
 ]
@@ -137,7 +137,7 @@ def test_parts_of_the_gathered_batch_equal_the_loader_batches_of_that_layout():
 def test_two_students_learn_from_the_teacher_and_export_loadable_backbones(tmp_path, teacher_files):
     steps, batch = 16, 8
     cfg = distill_config(tmp_path, teacher_files["heads"], "--students", STUDENTS, "--optim.iterations", str(steps),
-                         "--data.batch-size", str(batch), "--optim.lr", "2e-3", "--run.checkpoint-every", "8")
+                         "--data.batch-size", str(batch), "--optim.lr.peak", "2e-3", "--run.checkpoint-every", "8")
     summary = distill.distill(cfg, procedural())
     assert summary["objective"] == "heads"
     assert summary["teacher_images_per_rank"] == [steps * batch]  # each image once per step
@@ -172,7 +172,7 @@ def test_resume_after_a_crash_continues_identically_across_phases(tmp_path, teac
     checkpoints resumes at the newest step both students have and ends with bitwise the same students."""
     flags = ["--students", STUDENTS, "--optim.iterations", "3", "--phases.cooldown-iterations", "1",
              "--phases.high-res-iterations", "2", "--phases.high-res-sizes", "64", "32", "0.5", "96", "32", "0.5",
-             "--data.batch-size", "4", "--run.checkpoint-every", "2", "--optim.lr", "1e-3"]
+             "--data.batch-size", "4", "--run.checkpoint-every", "2", "--optim.lr.peak", "1e-3"]
     straight = distill.distill(distill_config(tmp_path / "straight", teacher_files["heads"], *flags), procedural())
     assert straight["step"] == 6
     crashed = tmp_path / "crashed"
@@ -192,7 +192,7 @@ def test_resume_after_a_crash_continues_identically_across_phases(tmp_path, teac
 def test_feature_objective_from_a_released_backbone_and_from_hugging_face_weights(tmp_path, teacher_files):
     steps = 12
     cfg = distill_config(tmp_path / "released", teacher_files["backbone"], "--students", STUDENTS,
-                         "--optim.iterations", str(steps), "--data.batch-size", "8", "--optim.lr", "2e-3")
+                         "--optim.iterations", str(steps), "--data.batch-size", "8", "--optim.lr.peak", "2e-3")
     summary = distill.distill(cfg, procedural())
     assert summary["objective"] == "features"
     for name, result in summary["students"].items():
@@ -245,7 +245,7 @@ def test_two_processes_two_students_learn(tmp_path, teacher_files):
     data = _image_folder(tmp_path / "data", n=64)
     _run_distill_torchrun(2, *DISTILL_FLAGS, "--teacher.checkpoint", str(teacher_files["heads"]), "--data.path",
                           str(data), "--students", "vit_tiny:1,convnext_test:1", "--optim.iterations", "16",
-                          "--data.batch-size", "4", "--optim.lr", "2e-3", "--run.output-dir", str(tmp_path / "run"))
+                          "--data.batch-size", "4", "--optim.lr.peak", "2e-3", "--run.output-dir", str(tmp_path / "run"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["teacher_images_per_rank"] == [4 * 16, 4 * 16]
     assert set(summary["suggested_students"].split(",")) <= {f"{a}:1" for a in ("vit_tiny", "convnext_test")}
@@ -269,7 +269,7 @@ def test_several_processes_equal_one_process_with_the_same_global_batch(tmp_path
     """
     data = _image_folder(tmp_path / "data")
     common = [*DISTILL_FLAGS, "--teacher.checkpoint", str(teacher_files["heads"]), "--optim.iterations", "3",
-              "--optim.lr", "1e-3", "--data.path", str(data), "--student.layerscale-init", "1.0"]
+              "--optim.lr.peak", "1e-3", "--data.path", str(data), "--student.layerscale-init", "1.0"]
     _run_distill_torchrun(nproc, *common, "--students", students, "--data.batch-size", "4",
                           "--run.output-dir", str(tmp_path / "several"))
     one = distill.distill(distill.parse_config(["demo", *common, "--students", STUDENTS, "--data.batch-size",

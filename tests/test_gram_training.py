@@ -14,8 +14,9 @@ import train
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_loader
 from losses.dino import DINOLoss
-from losses.gram import GramAnchoringLoss, gram_weight_at, resample_patch_grid
+from losses.gram import GramAnchoringLoss, resample_patch_grid
 from models.checkpoint import CheckpointError, save_official
+from schedules import Schedule
 from tests.test_train import procedural, tiny_config
 
 GRAM_FLAGS = ["--gram.enabled", "--data.gram-teacher-size", "64", "--data.batch-size", "4"]
@@ -76,17 +77,14 @@ def test_teacher_patch_map_is_resampled_to_the_student_grid():
         resample_patch_grid(linear_map(h, w), (h + 1, w), (h, w))
 
 
-def test_gram_weight_and_dino_local_weight_schedules():
-    assert gram_weight_at(4, 2.0, start_iteration=5) == 0.0
-    assert gram_weight_at(5, 2.0, start_iteration=5) == 2.0
-    assert gram_weight_at(7, 2.0, start_iteration=5, warmup_iterations=4) == 1.0
-    assert gram_weight_at(9, 2.0, start_iteration=5, warmup_iterations=4) == 2.0
-    cfg = train.TrainConfig(loss=train.LossConfig(dino_local_weight=1.0, dino_local_weight_end=0.5),
+def test_gram_weight_is_zero_before_its_start_and_dino_local_weight_follows_its_schedule():
+    cfg = train.TrainConfig(loss=train.LossConfig(dino_local_weight=Schedule(peak=1.0, end=0.5)),
                             gram=train.GramConfig(enabled=True, start_iteration=10))
-    cfg.optim.iterations = 100
-    begin, end = (train.schedules_at(s, cfg.optim, cfg.loss, cfg.gram) for s in (0, 100))
+    cfg.optim.iterations = 101
+    begin, before, start, end = (train.schedules_at(s, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
+                                 for s in (0, 9, 10, 100))
     assert (begin.dino_local_weight, end.dino_local_weight) == (1.0, 0.5)
-    assert (begin.gram_weight, end.gram_weight) == (0.0, 2.0)
+    assert (begin.gram_weight, before.gram_weight, start.gram_weight, end.gram_weight) == (0.0, 0.0, 2.0, 2.0)
 
     # local_weight scales only the local-crop terms inside the pair-count-weighted mean
     torch.manual_seed(0)
@@ -152,7 +150,7 @@ def test_size_triples_follow_the_configured_probabilities_and_ranks_agree():
     cfg = train.PRESETS["hrft"][1]
     schedule = train.crop_size_schedule(cfg)
     counts = collections.Counter(schedule(step) for step in range(20_000))
-    for (global_size, local_size, gram_size), p in zip(train.PAPER_HRFT_SIZES, train.PAPER_HRFT_PROBABILITIES):
+    for (global_size, local_size, gram_size), p in zip(train.OFFICIAL_HRFT_SIZES, train.OFFICIAL_HRFT_PROBABILITIES):
         frequency = counts[CropSizes(global_size, local_size, gram_size)] / 20_000
         assert abs(frequency - p) < 4 * math.sqrt(p * (1 - p) / 20_000), (global_size, local_size, p, frequency)
     # Without the Gram loss no Gram-teacher crops are made.
@@ -271,7 +269,7 @@ def test_refinement_and_high_resolution_run_is_stable_through_the_fused_kernel(t
 def test_resume_in_the_middle_of_refinement_continues_identically(tmp_path):
     data = procedural(n=40)
     flags = ["--run.checkpoint-every", "3", "--gram.start-iteration", "1", "--gram.update-frequency", "2",
-             "--gram.max-updates", "3", "--optim.lr", "1e-3"]
+             "--gram.max-updates", "3", "--optim.lr.peak", "1e-3"]
     straight = train.train(gram_config(tmp_path / "straight", "--optim.iterations", "7", *flags), data)
     first = train.train(gram_config(tmp_path / "resumed", "--optim.iterations", "4", *flags), data)
     # a run stopped at step 4 checkpointed at 3 and 4; drop the last to resume from step 3, between two updates

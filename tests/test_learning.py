@@ -2,7 +2,7 @@
 well below the value of a uniform prediction, and the same run with the teacher's targets shuffled across samples
 (an objective that no longer ties a crop to its own image: what a misaligned target or mask would do) must not.
 
-The run leaves out the photometric augmentations (`--data.no-photometric`). With them, a fresh ViT-tiny's two
+The run leaves out the photometric augmentations (`--augment.no-photometric`). With them, a fresh ViT-tiny's two
 views of an image get targets barely more alike than two different images' (docs/ablations.md), the DINO term
 stays at its uniform value for thousands of steps and no short run can tell a working objective from a broken one;
 without them the two views agree and the DINO term falls within a few hundred steps. Measured on the 2-core CPU
@@ -24,7 +24,7 @@ PROTOTYPES = 1024  # the demo's DINO head
 def short_run(tmp_path, name: str) -> dict:
     cfg = train.parse_config(["demo", "--optim.iterations", str(STEPS), "--run.output-dir", str(tmp_path / name),
                               "--run.knn-every", "0", "--run.checkpoint-every", str(STEPS), "--run.log-every", "50",
-                              "--run.device", "cpu", "--data.no-photometric",
+                              "--run.device", "cpu", "--augment.no-photometric",
                               # the suite runs Triton's interpreter; training tests take the PyTorch paths
                               "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa"])
     return train.train(cfg)

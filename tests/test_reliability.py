@@ -105,7 +105,7 @@ def _load(path: Path) -> dict:
 
 
 def test_same_seed_gives_the_same_loss_curve_and_another_seed_does_not(tmp_path):
-    flags = ["--optim.iterations", "6", "--data.batch-size", "4", "--optim.lr", "1e-3", "--deterministic",
+    flags = ["--optim.iterations", "6", "--data.batch-size", "4", "--optim.lr.peak", "1e-3", "--deterministic",
              "--run.checkpoint-every", "1000"]
     data = procedural(n=24)
     first = train.train(tiny_config(tmp_path / "a", *flags), data)["history"]
@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_sees_every_image_once(tmp_path,
     the weights of an uninterrupted run. The stop falls while the prototypes are still frozen (AdamW has no state
     for them yet)."""
     data = procedural(n=10)
-    flags = ["--data.batch-size", "4", "--run.checkpoint-every", "5", "--optim.lr", "1e-3", "--run.deterministic",
+    flags = ["--data.batch-size", "4", "--run.checkpoint-every", "5", "--optim.lr.peak", "1e-3", "--run.deterministic",
              "--optim.freeze-last-layer-iterations", "4"]
     traces: dict[str, list] = {"straight": [], "stopped": [], "resumed": []}
 
@@ -429,7 +429,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
 # ----------------------------------------------------------------------------------------------------
 
 KILL_STEPS = 24
-KILL_FLAGS = ["--optim.iterations", str(KILL_STEPS), "--data.batch-size", "4", "--optim.lr", "1e-3",
+KILL_FLAGS = ["--optim.iterations", str(KILL_STEPS), "--data.batch-size", "4", "--optim.lr.peak", "1e-3",
               "--run.checkpoint-every", "1", "--run.deterministic", "--run.log-every", "1"]
 
 

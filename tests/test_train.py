@@ -1,5 +1,6 @@
 """train.py end to end on the CPU: one step, loss decrease, learning signal, resume, validation, bad data."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,9 +21,9 @@ TINY_FLAGS = [
     "--model.arch", "vit_tiny", "--model.dino-prototypes", "256", "--model.dino-hidden", "128",
     "--model.dino-bottleneck", "64", "--model.ibot-prototypes", "256", "--model.ibot-hidden", "128",
     "--model.ibot-bottleneck", "64", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
-    "--data.global-size", "32", "--data.local-size", "16", "--data.n-local-crops", "2",
-    "--data.num-workers", "0", "--optim.warmup-iterations", "2", "--optim.freeze-last-layer-iterations", "1",
-    "--optim.teacher-temp-warmup-iterations", "4", "--run.device", "cpu", "--run.log-every", "1000", "--run.knn-every", "0",
+    "--data.global-size", "32", "--data.local-size", "16", "--augment.n-local-crops", "2",
+    "--data.num-workers", "0", "--optim.lr.warmup-iterations", "2", "--optim.freeze-last-layer-iterations", "1",
+    "--teacher.temp.warmup-iterations", "4", "--run.device", "cpu", "--run.log-every", "1000", "--run.knn-every", "0",
 ]
 
 
@@ -48,7 +49,7 @@ def test_one_step_runs_every_loss_and_all_are_finite(tmp_path):
 
 def test_thirty_steps_reduce_the_loss(tmp_path):
     """The recipe's LayerScale (1e-5; the demo uses 1.0): measured 7.93 -> 7.34 (first vs last 5 steps)."""
-    cfg = tiny_config(tmp_path, "--optim.iterations", "30", "--data.batch-size", "8", "--optim.lr", "2e-3",
+    cfg = tiny_config(tmp_path, "--optim.iterations", "30", "--data.batch-size", "8", "--optim.lr.peak", "2e-3",
                       "--model.layerscale-init", "1e-5", "--run.checkpoint-every", "1000")
     history = train.train(cfg, procedural())["history"]
     assert len(history) == 30
@@ -58,7 +59,7 @@ def test_thirty_steps_reduce_the_loss(tmp_path):
 
 def test_resume_continues_bitwise_identically(tmp_path):
     data = procedural(n=40)
-    flags = ["--data.batch-size", "4", "--run.checkpoint-every", "3", "--optim.lr", "1e-3"]
+    flags = ["--data.batch-size", "4", "--run.checkpoint-every", "3", "--optim.lr.peak", "1e-3"]
     straight = tiny_config(tmp_path / "straight", "--optim.iterations", "6", *flags)
     train.train(straight, data)
     interrupted = tiny_config(tmp_path / "resumed", "--optim.iterations", "3", *flags)
@@ -70,6 +71,58 @@ def test_resume_continues_bitwise_identically(tmp_path):
     for part in ("student", "teacher"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+
+
+def test_init_continues_run_takes_the_step_and_state_of_another_run(tmp_path):
+    """--init-continues-run (the official Gram-anchoring config is the pretraining run's steps 1M-1.2M): a new
+    output folder continues another run's step count, optimizer and data stream exactly like a resume."""
+    data = procedural(n=40)
+    flags = ["--data.batch-size", "4", "--run.checkpoint-every", "3", "--optim.lr.peak", "1e-3"]
+    train.train(tiny_config(tmp_path / "straight", "--optim.iterations", "6", *flags), data)
+    train.train(tiny_config(tmp_path / "first", "--optim.iterations", "3", *flags), data)
+    continued = tiny_config(tmp_path / "second", "--optim.iterations", "6", "--init-from", str(tmp_path / "first"),
+                            "--init-continues-run", *flags)
+    assert train.train(continued, data)["step"] == 6
+    assert not (tmp_path / "second" / "checkpoint_00000003.pth").exists()
+    a = torch.load(tmp_path / "straight" / "checkpoint_00000006.pth", weights_only=True)
+    b = torch.load(tmp_path / "second" / "checkpoint_00000006.pth", weights_only=True)
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+    with pytest.raises(ValueError, match="init_continues_run needs --init-from"):
+        train.validate_config(tiny_config(tmp_path / "x", "--init-continues-run"), world_size=1)
+    done = tiny_config(tmp_path / "third", "--optim.iterations", "3", "--init-from", str(tmp_path / "first"),
+                       "--init-continues-run", *flags)
+    with pytest.raises(train.CheckpointError, match="nothing left to run"):
+        train.train(done, data)
+
+
+def test_rope_box_is_drawn_per_block_and_crop_group_and_the_teacher_draws_none(tmp_path):
+    cfg = tiny_config(tmp_path)
+    student, teacher = train.build_student_teacher(cfg)
+    assert student.training and not teacher.training
+    draws = []
+    rope_forward = student.backbone.rope_embed.forward
+    student.backbone.rope_embed.forward = lambda h, w: draws.append((h, w)) or rope_forward(h, w)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    student.backbone(crops, [None, None])
+    assert draws == [(2, 2), (1, 1)] * len(student.backbone.blocks)  # every block, each crop group
+    draws.clear()
+    student.backbone.cfg = dataclasses.replace(student.backbone.cfg, rope_jitter_per="forward")
+    student.backbone(crops, [None, None])
+    assert draws == [(2, 2), (1, 1)]
+    # Same seed, two draws of the box per forward differ from one draw for all blocks; the teacher (eval) is
+    # deterministic whatever its generator says.
+    images = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for per in ("block", "forward"):
+        student.backbone.cfg = dataclasses.replace(student.backbone.cfg, rope_jitter_per=per)
+        student.backbone.rope_embed.seed(3)
+        outputs.append(student.backbone(images)["x_norm_clstoken"])
+    assert not torch.allclose(outputs[0], outputs[1])
+    teacher.backbone.rope_embed.seed(1)
+    first = teacher.backbone(images)["x_norm_clstoken"]
+    teacher.backbone.rope_embed.seed(2)
+    assert torch.equal(first, teacher.backbone(images)["x_norm_clstoken"])
 
 
 def test_config_validation_rejects_bad_combinations(tmp_path):
@@ -126,8 +179,8 @@ def test_learning_signal_knn_beats_initialization(tmp_path):
     ref_x, ref_y = load_eval_images(data, range(400), 48)
     test_x, test_y = load_eval_images(held_out, range(400, 600), 48)
     cfg = tiny_config(tmp_path, "--optim.iterations", "150", "--data.batch-size", "32", "--data.global-size", "48",
-                      "--data.local-size", "32", "--data.n-local-crops", "4", "--optim.lr", "1e-3",
-                      "--optim.warmup-iterations", "15", "--model.layerscale-init", "1.0", "--optim.teacher-temp",
+                      "--data.local-size", "32", "--augment.n-local-crops", "4", "--optim.lr.peak", "1e-3",
+                      "--optim.lr.warmup-iterations", "15", "--model.layerscale-init", "1.0", "--teacher.temp.peak",
                       "0.04", "--run.checkpoint-every", "1000", "--run.seed", "0")
     runtime.seed_everything(cfg.run.seed)  # the network train() starts from
     _, initial_teacher = train.build_student_teacher(cfg)
@@ -163,7 +216,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, parallel
     ranks) into +-lr steps, which says nothing about the distributed code. With well-scaled gradients the
     runs agree to ~1e-7 (a wrong shard, mask, KoLeo group or loss normalization gives >1e-4).
     """
-    common = ["--optim.iterations", "3", "--optim.lr", "1e-3", "--data.path", str(tmp_path / "data"),
+    common = ["--optim.iterations", "3", "--optim.lr.peak", "1e-3", "--data.path", str(tmp_path / "data"),
               "--run.parallel", parallel, "--model.layerscale-init", "1.0"]
     if gram:
         common += ["--gram.enabled", "--gram.start-iteration", "1", "--gram.update-frequency", "1",

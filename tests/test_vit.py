@@ -33,9 +33,9 @@ def test_shapes_of_every_preset_on_the_meta_device(arch):
         out = model(torch.randn(2, 3, 224, 160))
     C = VIT_ARCHS[arch].embed_dim
     assert out["x_norm_clstoken"].shape == (2, C)
-    assert out["x_storage_tokens"].shape == (2, 4, C)
+    assert out["x_storage_tokens"].shape == (2, VIT_ARCHS[arch].n_storage_tokens, C)
     assert out["x_norm_patchtokens"].shape == (2, 14 * 10, C)
-    assert out["x_prenorm"].shape == (2, 1 + 4 + 140, C)
+    assert out["x_prenorm"].shape == (2, 1 + VIT_ARCHS[arch].n_storage_tokens + 140, C)
 
 
 def test_224px_image_gives_201_tokens():

@@ -265,11 +265,12 @@ def test_several_processes_equal_one_process_with_the_same_global_batch(tmp_path
     One rank per student: each trains on the whole gathered batch. Both ranks train both: each student is
     data-parallel over the two ranks. Groups of 2 and 1: vit_tiny on ranks 0-1 (6 images each), convnext_test on
     rank 2 (12 images). The replicas of a group must stay bitwise equal. LayerScale starts at 1.0 for the reason
-    given in test_train's multi-process test.
+    given in test_train's multi-process test, and KoLeo runs in groups across ranks for the reason given there.
     """
     data = _image_folder(tmp_path / "data")
     common = [*DISTILL_FLAGS, "--teacher.checkpoint", str(teacher_files["heads"]), "--optim.iterations", "3",
-              "--optim.lr.peak", "1e-3", "--data.path", str(data), "--student.layerscale-init", "1.0"]
+              "--optim.lr.peak", "1e-3", "--data.path", str(data), "--student.layerscale-init", "1.0",
+              "--loss.koleo-group-size", "16"]
     _run_distill_torchrun(nproc, *common, "--students", students, "--data.batch-size", "4",
                           "--run.output-dir", str(tmp_path / "several"))
     one = distill.distill(distill.parse_config(["demo", *common, "--students", STUDENTS, "--data.batch-size",

@@ -25,9 +25,14 @@ class Schedule:
     warmup_iterations: int = 0
     cosine_iterations: int | None = None  # None: from the end of the warmup to the end of the run
 
+    @property
+    def final(self) -> float:
+        """The value the schedule ends on (and keeps)."""
+        return self.peak if self.end is None else self.end
+
     def at(self, step: int, total_iterations: int) -> float:
         start = self.peak if self.start is None else self.start
-        end = self.peak if self.end is None else self.end
+        end = self.final
         if step < self.warmup_iterations:
             return start + (self.peak - start) * step / self.warmup_iterations
         cosine = total_iterations - self.warmup_iterations if self.cosine_iterations is None else self.cosine_iterations

@@ -78,6 +78,8 @@ VIT7B_GLOBAL_BATCH = 16 * 256
 HRFT_GLOBAL_BATCH = 8 * 256
 VITL_IM1K_GLOBAL_BATCH = 64 * 32
 
+KoLeoCrops = Literal["both", "first"]
+
 # The optimizer, teacher, loss, augmentation and crop-size defaults below are the ViT-7B pretraining config's
 # (dinov3_vit7b16_pretrain.yaml); presets change what differs from it.
 
@@ -151,7 +153,7 @@ class LossConfig:
     koleo_weight: float = 0.1
     # "both": the released code's KoLeo, on each global crop's class tokens, (KoLeo(crop 1) + KoLeo(crop 2));
     # "first": the paper's text, on the first global crop only.
-    koleo_crops: Literal["both", "first"] = "both"
+    koleo_crops: KoLeoCrops = "both"
     # Neighbour sets: None, this rank's batch of each crop (koleo_loss_distributed false); N: groups of N
     # consecutive images of the global batch, across ranks (the paper's 16; the high-resolution config).
     koleo_group_size: int | None = None
@@ -356,10 +358,9 @@ def _vitl_im1k() -> TrainConfig:
 def _continuation(cfg: TrainConfig, iterations: int) -> TrainConfig:
     """A later phase of `cfg`'s run from step 0: same model and losses, the plateau of its schedules, no
     last-layer freeze (the CPU demo chain)."""
-    plateau = lambda s: constant(s.peak if s.end is None else s.end)  # noqa: E731
-    optim = dataclasses.replace(cfg.optim, iterations=iterations, lr=plateau(cfg.optim.lr),
-                                weight_decay=plateau(cfg.optim.weight_decay), freeze_last_layer_iterations=0)
-    teacher = TeacherConfig(temp=plateau(cfg.teacher.temp), momentum=plateau(cfg.teacher.momentum))
+    optim = dataclasses.replace(cfg.optim, iterations=iterations, lr=constant(cfg.optim.lr.final),
+                                weight_decay=constant(cfg.optim.weight_decay.final), freeze_last_layer_iterations=0)
+    teacher = TeacherConfig(temp=constant(cfg.teacher.temp.final), momentum=constant(cfg.teacher.momentum.final))
     return dataclasses.replace(cfg, optim=optim, teacher=teacher)
 
 
@@ -713,7 +714,7 @@ def build_koleo(loss: LossConfig, process_group=None) -> nn.Module:
     return DistributedKoLeoLoss(group_size=loss.koleo_group_size, process_group=process_group)
 
 
-def koleo_of_crops(koleo: nn.Module, cls_global: torch.Tensor, n_global: int, crops: str) -> torch.Tensor:
+def koleo_of_crops(koleo: nn.Module, cls_global: torch.Tensor, n_global: int, crops: KoLeoCrops) -> torch.Tensor:
     """The official objective's KoLeo term: KoLeo of each global crop's class tokens ([n_global * B, C],
     crop-major), summed over the crops (its code's crop average times n_global); crops="first": the paper's text,
     the first global crop only."""

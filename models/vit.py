@@ -372,7 +372,7 @@ class VisionTransformer(nn.Module):
     def _ropes(self, grids: list[tuple[int, int]]) -> list[Rope]:
         """The Rope of each crop group. A draw is shared by the images of a group; with rope_jitter_per="forward"
         also by the groups of one crop size."""
-        if self.training and self.cfg.rope_jitter_per == "block":
+        if self._jitters_per_block():
             return [self.rope_embed(*hw) for hw in grids]
         by_size = {hw: self.rope_embed(*hw) for hw in dict.fromkeys(grids)}
         return [by_size[hw] for hw in grids]

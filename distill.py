@@ -24,7 +24,7 @@ measure C_i per student (summary.json, the final printout) and, on several ranks
 
 Objectives (`--teacher.objective auto` picks from the checkpoint):
 - "heads", from a train.py checkpoint: the pretraining objective against the teacher's head outputs (DINO + iBOT +
-  0.1 KoLeo, Sinkhorn-Knopp on the teacher side, no Gram loss). Students get their own DINO/iBOT heads with the
+  KoLeo (the `--loss.*` weights), Sinkhorn-Knopp on the teacher side, no Gram loss). Students get their own DINO/iBOT heads with the
   teacher's prototype counts: the losses compare distributions over prototypes, so the widths need not match. The
   teacher shares its heads' normalized bottleneck embeddings (512 floats per class token for the 7B instead of 256k
   logits: a much smaller all-gather) and the students' ranks apply its prototype layers to their own part.
@@ -64,26 +64,44 @@ import torch.nn.functional as F
 from torch import nn
 
 import runtime
-import train
+from config import (
+    OFFICIAL_HRFT_PROBABILITIES,
+    OFFICIAL_HRFT_SIZES,
+    VIT7B_GLOBAL_BATCH,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TeacherConfig as EMATeacherConfig,
+    group_problems,
+    parse_cli,
+)
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from data.masking import ibot_mask_weights
 from dense import DenseSet, dense_metric, fast_dense_set, log_dense_metric, write_dense_metric
-from eval import pca_figure, save_png
+from figures import pca_figure, save_png
 from kernels.common import KernelImpl
-from losses.ibot import ibot_mask_weights
 from models.checkpoint import (
     DISTILL_FORMAT,
     TRAIN_CHECKPOINT_FORMAT,
     CheckpointError,
+    checkpoint_path_or_error,
     describe_checkpoint,
     export_official,
     load_backbone,
     read_checkpoint_file,
+    read_weights,
 )
 from models.convnext import CONVNEXT_ARCHS, MIN_INPUT_SIZE, MaskMode, build_convnext
 from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
+from monitor import pca_batch, start_run_folder
+from objective import SSLLosses, StudentOutputs, build_koleo, koleo_of_crops
+from optimizer import Schedules, apply_schedules, clip_per_module, param_groups, schedules_at as ssl_schedules_at
 from schedules import Schedule, constant, cosine_between
+from student_teacher import SSLNet, checkpoint_activations, multi_crop_tokens
 
 logger = logging.getLogger("dinov3")
 
@@ -91,6 +109,8 @@ N_GLOBAL = 2  # global crops per image
 STUDENT_ARCHS = (*VIT_ARCHS, *CONVNEXT_ARCHS)
 HEADS_TERMS = ("total", "dino", "dino_global", "dino_local", "ibot", "koleo")
 FEATURE_TERMS = ("total", "cls", "cls_global", "cls_local", "patch", "koleo")
+TEACHER_HOW_TO = ("pass --teacher.checkpoint: a train.py checkpoint or run folder (its heads are distilled) or a "
+                  "backbone file or Hugging Face folder (its features are); `python train.py` writes the demo teacher")
 
 
 # ====================================================================================================
@@ -106,7 +126,7 @@ class TeacherConfig:
     attn_impl: AttnImpl = "auto"
     kernel_impl: KernelImpl = "auto"  # Sinkhorn-Knopp: Triton on CUDA, PyTorch reference on CPU
     # Temperature of the teacher's targets (the frozen teacher has no momentum).
-    temp: Schedule = field(default_factory=lambda: train.TeacherConfig().temp)
+    temp: Schedule = field(default_factory=lambda: EMATeacherConfig().temp)
 
 
 @dataclass
@@ -127,7 +147,7 @@ class PhasesConfig:
     high_res_iterations: int = 0  # after the cooldown: mixed-resolution crops, no Gram loss
     # (global size, local size, probability) per step; the official high-resolution choices, Gram sizes dropped.
     high_res_sizes: tuple[tuple[int, int, float], ...] = tuple(
-        (g, local, p) for (g, local, _), p in zip(train.OFFICIAL_HRFT_SIZES, train.OFFICIAL_HRFT_PROBABILITIES))
+        (g, local, p) for (g, local, _), p in zip(OFFICIAL_HRFT_SIZES, OFFICIAL_HRFT_PROBABILITIES))
 
 
 @dataclass
@@ -137,12 +157,12 @@ class DistillConfig:
     students: str = "vit_small"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    data: train.DataConfig = field(default_factory=train.DataConfig)  # batch_size: per rank (the teacher's shard)
+    data: DataConfig = field(default_factory=DataConfig)  # batch_size: per rank (the teacher's shard)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: train.OptimConfig = field(default_factory=train.OptimConfig)
-    loss: train.LossConfig = field(default_factory=train.LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)
-    run: train.RunConfig = field(default_factory=lambda: train.RunConfig(output_dir="runs/distill"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
 
 
 def _demo() -> DistillConfig:
@@ -150,28 +170,25 @@ def _demo() -> DistillConfig:
     return DistillConfig(
         students="vit_tiny,convnext_tiny",
         teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000300.pth", temp=constant(0.07)),
-        data=train.DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48),
-        augment=train.PRESETS["demo"][1].augment,
-        optim=train.OptimConfig(iterations=40, lr=Schedule(peak=5e-4, start=0.0, warmup_iterations=10),
-                                freeze_last_layer_iterations=10),
+        data=DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48),
+        # train.py's demo augmentation, which made the teacher.
+        augment=AugmentConfig(n_local_crops=4, flip_p=0.5, first_global_blur_p=1.0, second_global_blur_p=0.1),
+        optim=OptimConfig(iterations=40, lr=Schedule(peak=5e-4, start=0.0, warmup_iterations=10),
+                          freeze_last_layer_iterations=10),
         phases=PhasesConfig(cooldown_iterations=10, high_res_iterations=6,
                             high_res_sizes=((128, 48, 0.5), (160, 64, 0.5))),
-        run=train.RunConfig(output_dir="runs/demo_distill", log_every=10, checkpoint_every=20),
+        run=RunConfig(output_dir="runs/demo_distill", log_every=10, checkpoint_every=20),
     )
 
 
 def _paper() -> DistillConfig:
-    """Section 5.2: the pretraining objective and hyperparameters, 1M steps, 250k cooldown, 10k high-res steps."""
-    pretrain = train.PRESETS["vit7b16"][1]
+    """Section 5.2: the pretraining objective and hyperparameters (the config groups' defaults, which are the 7B
+    pretraining's), 1M steps, 250k cooldown, 10k high-res steps."""
     return DistillConfig(
         students="vit_small,vit_base,vit_large",
-        teacher=TeacherConfig(temp=pretrain.teacher.temp),
-        data=dataclasses.replace(pretrain.data),
-        augment=pretrain.augment,
-        optim=dataclasses.replace(pretrain.optim),
-        loss=dataclasses.replace(pretrain.loss),
+        data=DataConfig(batch_size=VIT7B_GLOBAL_BATCH // 256),
         phases=PhasesConfig(cooldown_iterations=250_000, high_res_iterations=10_000),
-        run=train.RunConfig(output_dir="runs/distill"),
+        run=RunConfig(output_dir="runs/distill"),
     )
 
 
@@ -183,7 +200,7 @@ PRESETS: dict[str, tuple[str, DistillConfig]] = {
 
 def parse_config(argv: list[str] | None = None) -> DistillConfig:
     """`distill.py [preset] [--field value ...]`; without a preset name, `demo`."""
-    return train.parse_config(argv, presets=PRESETS)
+    return parse_cli(PRESETS, argv)
 
 
 # ====================================================================================================
@@ -196,7 +213,7 @@ class Teacher(nn.Module):
     cls [2b, d] and patches [2b, P, d] -- the DINO/iBOT heads' normalized bottleneck embeddings ("heads") or the
     backbone's normed tokens ("features"). `images_seen` counts the images it has run on."""
 
-    def __init__(self, net: nn.Module, objective: Literal["heads", "features"], model_cfg: train.ModelConfig | None):
+    def __init__(self, net: nn.Module, objective: Literal["heads", "features"], model_cfg: ModelConfig | None):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.objective = objective
@@ -230,26 +247,9 @@ class Teacher(nn.Module):
                 self.net.ibot_head.last_layer(masked_patch_embeddings))
 
 
-def _read_teacher_file(path: Path) -> dict:
-    """A checkpoint file, or Hugging Face weights: a .safetensors file or a model folder (model.safetensors or
-    pytorch_model.bin)."""
-    if path.is_dir():
-        found = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
-        if not found:
-            raise CheckpointError(f"teacher folder {path} holds neither model.safetensors nor pytorch_model.bin")
-        path = found[0]
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return read_checkpoint_file(path)
-
-
 def load_teacher(cfg: TeacherConfig) -> Teacher:
     """The frozen teacher named by cfg.checkpoint, with its objective (see the module docstring)."""
-    if not cfg.checkpoint:
-        raise ValueError("teacher.checkpoint is not set: pass a train.py checkpoint or a backbone file")
-    payload = _read_teacher_file(Path(cfg.checkpoint))
+    payload = read_weights(checkpoint_path_or_error(cfg.checkpoint, TEACHER_HOW_TO))
     has_heads = payload.get("format") == TRAIN_CHECKPOINT_FORMAT
     objective = cfg.objective if cfg.objective != "auto" else ("heads" if has_heads else "features")
     if objective == "heads" and not has_heads:
@@ -258,9 +258,9 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
                               "backbone features")
     if has_heads:
         saved = payload["config"]["model"]
-        known = {f.name for f in dataclasses.fields(train.ModelConfig)}
-        model_cfg = train.ModelConfig(**{k: v for k, v in saved.items() if k in known})
-        net = train.SSLNet(model_cfg, drop_path_rate=0.0)
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        model_cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        net = SSLNet(model_cfg, drop_path_rate=0.0)
         net.load_state_dict(payload["teacher"])  # the EMA teacher of the run, heads included
         net.backbone.set_attn_impl(cfg.attn_impl)
         if objective == "features":
@@ -356,16 +356,13 @@ class Student(nn.Module):
         self.class_head = class_head
         self.patch_head = patch_head
 
-    def forward(self, global_crops, local_crops, masks, mask_indices=None):
+    def forward(self, global_crops, local_crops, masks, mask_indices=None) -> StudentOutputs:
         """Class-head outputs of every crop (crop-major), patch-head outputs of the global crops' patches (only the
         masked ones when mask_indices is given, else all [2B, P, .]), and the global crops' class tokens [2B, C]."""
-        crops = [global_crops] + ([local_crops] if local_crops.numel() else [])
-        outs = self.backbone(crops, [masks] + [None] * (len(crops) - 1))
-        cls_tokens = torch.cat([o["x_norm_clstoken"] for o in outs])
-        patches = outs[0]["x_norm_patchtokens"]
+        cls_tokens, cls_global, patches = multi_crop_tokens(self.backbone, global_crops, local_crops, masks)
         if mask_indices is not None:
             patches = patches.flatten(0, 1).index_select(0, mask_indices)
-        return self.class_head(cls_tokens), self.patch_head(patches), outs[0]["x_norm_clstoken"]
+        return StudentOutputs(self.class_head(cls_tokens), self.patch_head(patches), cls_global)
 
 
 def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
@@ -459,11 +456,11 @@ def share_batch(batch: dict, teacher_out: dict, part: int, n_parts: int, dist_in
 # ====================================================================================================
 
 
-def heads_losses(cfg: DistillConfig, teacher: Teacher, group) -> train.SSLLosses:
-    """train.py's DINO + iBOT + KoLeo with the teacher's prototype counts; centering and KoLeo groups over the
-    student's own ranks, which together hold the whole global batch."""
+def heads_losses(cfg: DistillConfig, teacher: Teacher, group) -> SSLLosses:
+    """The pretraining objective (DINO + iBOT + KoLeo) with the teacher's prototype counts; centering and KoLeo
+    groups over the student's own ranks, which together hold the whole global batch."""
     model_cfg = dataclasses.replace(teacher.model_cfg, kernel_impl=cfg.teacher.kernel_impl)
-    return train.SSLLosses(train.TrainConfig(model=model_cfg, loss=cfg.loss), process_group=group)
+    return SSLLosses(model_cfg, cfg.loss, process_group=group)
 
 
 def _cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -474,13 +471,13 @@ def _cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 class FeatureLosses(nn.Module):
     """The "features" objective (module docstring): cosine distances of class and patch tokens, plus KoLeo."""
 
-    def __init__(self, cfg: train.LossConfig, group):
+    def __init__(self, cfg: LossConfig, group):
         super().__init__()
         self.cfg = cfg
-        self.koleo = train.build_koleo(cfg, group)
+        self.koleo = build_koleo(cfg, group)
 
-    def forward(self, student_out, batch: dict) -> dict[str, torch.Tensor]:
-        cls_projected, patches_projected, cls_global = student_out
+    def forward(self, student_out: StudentOutputs, batch: dict) -> dict[str, torch.Tensor]:
+        cls_projected, patches_projected, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
         teacher_cls = batch["teacher_cls"]  # [2B, C_t], crop-major
         n_images = teacher_cls.shape[0] // N_GLOBAL
         student_cls = cls_projected.view(-1, n_images, cls_projected.shape[-1])  # [crops, B, C_t]
@@ -489,7 +486,7 @@ class FeatureLosses(nn.Module):
         local_to_global = _cosine_distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
         cls_loss = torch.cat([same_view, local_to_global]).mean()
         patch_loss = _cosine_distance(patches_projected, batch["teacher_patches"]).mean()
-        koleo = train.koleo_of_crops(self.koleo, cls_global, N_GLOBAL, self.cfg.koleo_crops)
+        koleo = koleo_of_crops(self.koleo, cls_global, N_GLOBAL, self.cfg.koleo_crops)
         total = self.cfg.dino_weight * cls_loss + self.cfg.ibot_weight * patch_loss + self.cfg.koleo_weight * koleo
         local = local_to_global.mean() if local_to_global.numel() else cls_loss.new_zeros(())
         return {"total": total, "cls": cls_loss, "cls_global": same_view.mean(), "cls_local": local,
@@ -532,16 +529,13 @@ def setup_student(spec: StudentSpec, group, teacher: Teacher, cfg: DistillConfig
                   dist_info: runtime.Dist) -> StudentRun:
     net = build_student(spec, teacher, cfg).to(dist_info.device)
     if cfg.run.activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
-
-        for block in net.backbone.blocks:
-            block.forward = train.checkpointed(block.forward, checkpoint)
+        checkpoint_activations(net.backbone.blocks)
     losses = heads_losses(cfg, teacher, group) if teacher.objective == "heads" else FeatureLosses(cfg.loss, group)
     losses.to(dist_info.device)
     model = wrap_student(net, group, len(spec.ranks), dist_info.device)
-    # train.py's groups: layer-wise lr decay over a ViT's blocks. A ConvNeXt's parameter names hold no
+    # The pretraining's groups: layer-wise lr decay over a ViT's blocks. A ConvNeXt's parameter names hold no
     # "backbone.blocks.i", so all of them get the base lr (no layer-wise decay, no patch-embedding factor).
-    optimizer = torch.optim.AdamW(train.param_groups(net, cfg.optim), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.optim), lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2))
     if cfg.run.compile:
         net.backbone.compile()
     group_rank = spec.ranks.index(dist_info.rank)
@@ -571,14 +565,14 @@ def _group_mean(values: torch.Tensor, run: StudentRun) -> torch.Tensor:
     return values
 
 
-def train_student_step(run: StudentRun, teacher: Teacher, batch: dict, sched: train.Schedules, step: int,
+def train_student_step(run: StudentRun, teacher: Teacher, batch: dict, sched: Schedules, step: int,
                        cfg: DistillConfig, dist_info: runtime.Dist) -> torch.Tensor:
     """Forward, losses, backward and optimizer step of one student on this rank's part of the global batch.
 
     Returns its loss terms averaged over its group (float64 [len(run.terms)]), NaN where the step was skipped.
     """
     device = dist_info.device
-    train.apply_schedules(run.optimizer, sched)
+    apply_schedules(run.optimizer, sched)
     _seed_student_step(run, cfg.run.seed, step, dist_info.rank)
     autocast = device.type == "cuda" and cfg.run.bf16
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -596,8 +590,8 @@ def train_student_step(run: StudentRun, teacher: Teacher, batch: dict, sched: tr
 
     run.optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
-    # (The prototype layers are frozen by their lr of 0: train.apply_schedules.)
-    grad_norm = train.clip_per_module((run.net.backbone, run.net.class_head, run.net.patch_head), cfg.optim.clip_grad)
+    # (The prototype layers are frozen by their lr of 0: optimizer.apply_schedules.)
+    grad_norm = clip_per_module((run.net.backbone, run.net.class_head, run.net.patch_head), cfg.optim.clip_grad)
     # A finite loss can still have NaN/inf gradients (an overflow in backward): AdamW would write them into the
     # weights, and the next checkpoint would hold a broken student.
     if not _group_finite(grad_norm, run, device):
@@ -613,20 +607,12 @@ def _group_finite(value: torch.Tensor, run: StudentRun, device: torch.device) ->
 
 
 def _nonfinite_step(run: StudentRun, what: str, step: int, cfg: DistillConfig) -> torch.Tensor:
-    """Stop (FloatingPointError) or, with run.skip_nonfinite, skip this student's update and count it; the
-    weights and optimizer state are untouched either way. `step` is 0-based; messages use the 1-based numbers of
-    the progress log and the checkpoint names."""
-    if not cfg.run.skip_nonfinite or run.nonfinite_skips >= cfg.run.max_nonfinite_skips:
-        limit = (f" (the limit of {cfg.run.max_nonfinite_skips} skipped steps is reached)"
-                 if cfg.run.skip_nonfinite else "")
-        raise FloatingPointError(
-            f"{run.spec.name}: {what} at step {step + 1}{limit}; stopping. The last good checkpoint in "
-            f"{Path(cfg.run.output_dir) / run.spec.name} is intact; lower optim.lr or use --run.skip-nonfinite to "
-            "skip such steps")
-    run.nonfinite_skips += 1
+    """Stop, or skip this student's update and count it (`runtime.skip_or_stop`); the weights and optimizer state
+    are untouched either way. `step` is 0-based; messages use the 1-based numbers of the log and the checkpoints."""
+    run.nonfinite_skips = runtime.skip_or_stop(f"{run.spec.name}: {what}", step + 1, run.nonfinite_skips,
+                                               cfg.run.skip_nonfinite, cfg.run.max_nonfinite_skips,
+                                               student_dir(cfg, run.spec))
     run.optimizer.zero_grad(set_to_none=True)
-    logger.warning(f"step {step + 1}: {run.spec.name}: {what}, its update skipped "
-                   f"({run.nonfinite_skips} skipped so far, at most {cfg.run.max_nonfinite_skips})")
     return torch.full((len(run.terms),), math.nan, dtype=torch.float64)
 
 
@@ -638,7 +624,7 @@ def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
     """The group leader writes the checkpoint (atomic) and the exported backbone (released key format)."""
     if not run.is_leader:
         return
-    # Plain state dicts: students are replicated (DDP), never sharded. (train._full_state's full_state_dict +
+    # Plain state dicts: students are replicated (DDP), never sharded. (runtime.full_state's full_state_dict +
     # cpu_offload returns an empty dict on ranks other than 0, and a group's leader may be any rank.)
     folder = student_dir(cfg, run.spec)
     payload = {
@@ -712,10 +698,11 @@ def phase_at(step: int, cfg: DistillConfig) -> Literal["main", "cooldown", "high
     return "high_res"
 
 
-def schedules_at(step: int, cfg: DistillConfig) -> train.Schedules:
-    """train.py's schedules during the main phase; then a cosine lr cooldown; then the lr the cooldown ended with."""
+def schedules_at(step: int, cfg: DistillConfig) -> Schedules:
+    """The pretraining's schedules during the main phase; then a cosine lr cooldown; then the lr the cooldown ended
+    with."""
     main_end = cfg.optim.iterations
-    sched = train.schedules_at(min(step, main_end), cfg.optim, train.TeacherConfig(temp=cfg.teacher.temp))
+    sched = ssl_schedules_at(min(step, main_end), cfg.optim, EMATeacherConfig(temp=cfg.teacher.temp))
     if step < main_end:
         return sched
     cooldown = cfg.phases.cooldown_iterations
@@ -743,11 +730,11 @@ def build_phase_loader(dataset: ImageDataset, phase: str, start_step: int, cfg: 
 
 def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     """Reject impossible settings before the teacher is read; returns the students with their ranks."""
-    # The data, optimizer and loss checks are train.py's (every student works on the 16-pixel patch grid).
-    train.validate_config(train.TrainConfig(data=cfg.data, augment=cfg.augment, optim=cfg.optim, loss=cfg.loss,
-                                            run=cfg.run), world_size)
+    # Every student works on the 16-pixel patch grid.
+    problems = group_problems(cfg.data, cfg.augment, cfg.optim, cfg.loss, cfg.teacher.temp, patch=16)
+    if problems:  # before parse_students, whose errors assume a sound batch
+        raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(problems))
     specs = parse_students(cfg.students, world_size, cfg.data.batch_size * world_size)
-    problems = []
     if cfg.run.parallel != "ddp":
         problems.append("run.parallel must be 'ddp': students are data-parallel within their rank groups")
     if cfg.phases.cooldown_iterations < 0 or cfg.phases.high_res_iterations < 0:
@@ -780,7 +767,125 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
 
 
 # ====================================================================================================
-# The loop
+# Setup, one step, logging
+# ====================================================================================================
+
+
+def setup_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
+    teacher = load_teacher(cfg.teacher).to(device)
+    if device.type == "cuda" and cfg.run.bf16:
+        # Inference only: bf16 weights halve the teacher's memory. Buffers (RoPE periods) stay float32.
+        for param in teacher.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    if cfg.run.compile:
+        teacher.backbone.compile()
+    return teacher
+
+
+def setup_students(specs: list[StudentSpec], teacher: Teacher, cfg: DistillConfig,
+                   dist_info: runtime.Dist) -> list[StudentRun]:
+    """This rank's students (every process creates every group, in the same order)."""
+    groups = build_groups(specs, dist_info)
+    runs = [setup_student(spec, group, teacher, cfg, dist_info)
+            for spec, group in zip(specs, groups) if dist_info.rank in spec.ranks]
+    logger.info(f"teacher: {type(teacher.backbone).__name__} {teacher.embed_dim}-d, objective {teacher.objective!r}; "
+                f"students: " + ", ".join(f"{s.name} on ranks {list(s.ranks)}" for s in specs))
+    return runs
+
+
+def distill_step(runs: list[StudentRun], teacher: Teacher, batch: dict, sched: Schedules, step: int, n_students: int,
+                 cfg: DistillConfig, dist_info: runtime.Dist) -> torch.Tensor:
+    """The teacher on this rank's shard, then each of this rank's students on its part of the global batch.
+    Returns, on every rank, each student's group-mean loss terms and its seconds per image [n_students, terms + 1]."""
+    device = dist_info.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.run.bf16):
+        teacher_out = teacher(batch["global_crops"])
+    # Groups are all ranks or disjoint (parse_students), so this rank's students share one part of the batch.
+    shared = share_batch(batch, teacher_out, runs[0].group_rank, runs[0].n_ranks, dist_info)
+    del batch, teacher_out
+    global_batch = cfg.data.batch_size * dist_info.world_size
+    stats = torch.zeros(n_students, len(runs[0].terms) + 1, dtype=torch.float64)
+    for run in runs:
+        t_student = time.perf_counter()
+        values = train_student_step(run, teacher, shared, sched, step, cfg, dist_info)
+        seconds = time.perf_counter() - t_student
+        if run.is_leader:
+            per_image = seconds * run.n_ranks / global_batch
+            stats[run.spec.index] = torch.cat([values, torch.tensor([per_image], dtype=torch.float64)])
+    if dist_info.enabled:  # each row is filled by its student's group leader only: a sum gathers them
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    return stats
+
+
+def save_students(step: int, runs: list[StudentRun], cfg: DistillConfig, dist_info: runtime.Dist) -> None:
+    for run in runs:
+        save_student(step, run, cfg)
+    runtime.barrier(dist_info)
+    # Old checkpoints go only once every student has this step: a crash between two students' saves then still
+    # leaves a step they all have to resume from, even with run.keep_last = 1.
+    for run in runs:
+        if run.is_leader:
+            runtime.prune_checkpoints(student_dir(cfg, run.spec), cfg.run.keep_last)
+
+
+class Monitor:
+    """Logs each step's per-student terms and speeds, evaluates the students' dense features every
+    `run.dense_every` steps, and writes the summary."""
+
+    def __init__(self, cfg: DistillConfig, specs: list[StudentSpec], runs: list[StudentRun], teacher: Teacher,
+                 start_step: int, dist_info: runtime.Dist):
+        self.cfg, self.specs, self.runs, self.teacher, self.dist_info = cfg, specs, runs, teacher, dist_info
+        self.writer = start_run_folder(Path(cfg.run.output_dir), cfg, dist_info, start_step)
+        self.n_steps, self.start_step = total_steps(cfg), start_step
+        self.progress = runtime.Progress(self.n_steps, start_step)
+        self.terms = HEADS_TERMS if teacher.objective == "heads" else FEATURE_TERMS
+        # Per step, every student's group-mean loss terms and its seconds per image on one rank, shared by all ranks.
+        self.history = {spec.name: [] for spec in specs}
+        self.last: dict[str, dict[str, float]] = {}
+        self.seconds_per_image = torch.zeros(len(specs), dtype=torch.float64)
+        self.dense_set = fast_dense_set(cfg.data.global_size) if cfg.run.dense_every else None
+        self.dense_history: dict[int, dict[str, dict[str, float]]] = {}  # step -> student -> metric (0: init)
+        if self.dense_set is not None and start_step == 0:
+            if dist_info.is_main:  # the frozen teacher's value: what the students' patch features are pulled toward
+                log_dense_metric(self.writer, teacher.backbone, self.dense_set, 0, tag="dense/teacher")
+            self.dense_history[0] = log_students_dense(self.writer, runs, self.dense_set, 0, dist_info)
+
+    def log_step(self, step: int, phase: str, stats: torch.Tensor, sched: Schedules, seconds: float) -> None:
+        global_batch = self.cfg.data.batch_size * self.dist_info.world_size
+        self.seconds_per_image = (0.9 * self.seconds_per_image + 0.1 * stats[:, -1] if step > self.start_step + 1
+                                  else stats[:, -1])
+        self.last = {spec.name: dict(zip(self.terms, stats[spec.index, :-1].tolist())) for spec in self.specs}
+        for spec in self.specs:
+            self.history[spec.name].append(self.last[spec.name]["total"])
+        if self.writer is not None:
+            for (name, terms), per_image in zip(self.last.items(), stats[:, -1].tolist()):
+                for term, value in terms.items():
+                    self.writer.add_scalar(f"loss/{name}/{term}", value, step)
+                self.writer.add_scalar(f"train/{name}/seconds_per_image", per_image, step)
+            self.writer.add_scalar("schedule/lr", sched.lr, step)
+            self.writer.add_scalar("schedule/teacher_temp", sched.teacher_temp, step)
+            self.writer.add_scalar("train/images_per_s", global_batch / seconds, step)
+        if self.dist_info.is_main and (step % self.cfg.run.log_every == 0 or step == self.n_steps
+                                       or step == self.start_step + 1):
+            eta = runtime.Progress.format_seconds(self.progress.eta_seconds(step - 1))
+            losses = "  ".join(f"{name} {values['total']:.4f}" for name, values in self.last.items())
+            logger.info(f"step {step}/{self.n_steps} [{phase}]  loss {losses}  lr {sched.lr:.2e}  "
+                        f"{global_batch / seconds:.1f} img/s  eta {eta}")
+        if self.cfg.run.dense_every and (step % self.cfg.run.dense_every == 0 or step == self.n_steps):
+            self.dense_history[step] = log_students_dense(self.writer, self.runs, self.dense_set, step, self.dist_info)
+
+    def finish(self, step: int, dataset: ImageDataset) -> dict:
+        summary = _summary(step, self.cfg, self.specs, self.runs, self.teacher, self.history, self.last,
+                           self.seconds_per_image, dataset, self.dist_info, self.dense_history)
+        if self.writer is not None:
+            self.writer.close()
+        return summary
+
+
+# ====================================================================================================
+# The run
 # ====================================================================================================
 
 
@@ -790,115 +895,40 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
     `images` replaces the dataset named by cfg.data.path (tests pass a ProceduralDataset).
     """
     dist_info = runtime.setup_distributed(cfg.run.device, cfg.run.dist_timeout_s)
-    out_dir = Path(cfg.run.output_dir)
-    runtime.setup_logging(out_dir, dist_info.is_main)
+    runtime.setup_logging(Path(cfg.run.output_dir), dist_info.is_main)
     specs = validate_config(cfg, dist_info.world_size)
     dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
         runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)
-    device = dist_info.device
-
-    teacher = load_teacher(cfg.teacher).to(device)
-    if device.type == "cuda" and cfg.run.bf16:
-        # Inference only: bf16 weights halve the teacher's memory. Buffers (RoPE periods) stay float32.
-        for param in teacher.parameters():
-            param.data = param.data.to(torch.bfloat16)
-    if cfg.run.compile:
-        teacher.backbone.compile()
-    groups = build_groups(specs, dist_info)
-    runs = [setup_student(spec, group, teacher, cfg, dist_info)
-            for spec, group in zip(specs, groups) if dist_info.rank in spec.ranks]
-    # Groups are all ranks or disjoint (parse_students), so this rank's students share one part of the batch.
-    part, n_parts = runs[0].group_rank, runs[0].n_ranks
-    logger.info(f"teacher: {type(teacher.backbone).__name__} {teacher.embed_dim}-d, objective {teacher.objective!r}; "
-                f"students: " + ", ".join(f"{s.name} on ranks {list(s.ranks)}" for s in specs))
-
+    teacher = setup_teacher(cfg, dist_info.device)
+    runs = setup_students(specs, teacher, cfg, dist_info)
     start_step = resume_step(cfg, specs) if cfg.run.resume else 0
     if start_step:
         for run in runs:
             load_student(start_step, run, cfg)
         logger.info(f"resumed every student at step {start_step}")
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    writer = None
-    if dist_info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+    monitor = Monitor(cfg, specs, runs, teacher, start_step, dist_info)
 
-        writer = SummaryWriter(out_dir / "tensorboard", purge_step=start_step)
-
-    n_steps = total_steps(cfg)
-    global_batch = cfg.data.batch_size * dist_info.world_size
-    terms = HEADS_TERMS if teacher.objective == "heads" else FEATURE_TERMS
-    # Per step, every student's group-mean loss terms and its seconds per image on one rank, shared by all ranks.
-    history = {spec.name: [] for spec in specs}
-    dense_set = fast_dense_set(cfg.data.global_size) if cfg.run.dense_every else None
-    dense_history: dict[int, dict[str, dict[str, float]]] = {}  # step -> student -> dense metric (0: initialization)
-    if dense_set is not None and start_step == 0:
-        if dist_info.is_main:  # the frozen teacher's value: what the students' patch features are pulled toward
-            log_dense_metric(writer, teacher.backbone, dense_set, 0, tag="dense/teacher")
-        dense_history[0] = log_students_dense(writer, runs, dense_set, 0, dist_info)
-    seconds_per_image = torch.zeros(len(specs), dtype=torch.float64)
     stop = runtime.StopFlag()
     stop.install()
-    progress = runtime.Progress(n_steps, start_step)
-    autocast = device.type == "cuda" and cfg.run.bf16
-    step, phase, data_iter, last = start_step, None, None, {}
+    step, phase, data_iter = start_step, None, None
     try:
-        while step < n_steps:
+        while step < monitor.n_steps:
             t0 = time.perf_counter()
             if phase_at(step, cfg) != phase:  # a phase starts: its crop sizes need their own loader
                 phase = phase_at(step, cfg)
                 data_iter = None  # stops the previous loader's workers
                 data_iter = iter(build_phase_loader(dataset, phase, step, cfg, dist_info))
-            batch = train.to_device(next(data_iter), device)
+            batch = runtime.to_device(next(data_iter), dist_info.device)
             sched = schedules_at(step, cfg)
-
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                teacher_out = teacher(batch["global_crops"])
-            shared = share_batch(batch, teacher_out, part, n_parts, dist_info)
-            del batch, teacher_out
-
-            stats = torch.zeros(len(specs), len(terms) + 1, dtype=torch.float64)
-            for run in runs:
-                t_student = time.perf_counter()
-                values = train_student_step(run, teacher, shared, sched, step, cfg, dist_info)
-                seconds = time.perf_counter() - t_student
-                if run.is_leader:
-                    per_image = seconds * run.n_ranks / global_batch
-                    stats[run.spec.index] = torch.cat([values, torch.tensor([per_image], dtype=torch.float64)])
-            if dist_info.enabled:  # each row is filled by its student's group leader only: a sum gathers them
-                stats = stats.to(device)
-                dist.all_reduce(stats)
-                stats = stats.cpu()
+            stats = distill_step(runs, teacher, batch, sched, step, len(specs), cfg, dist_info)
             step += 1
-
-            seconds = time.perf_counter() - t0
-            seconds_per_image = 0.9 * seconds_per_image + 0.1 * stats[:, -1] if step > start_step + 1 else stats[:, -1]
-            last = {spec.name: dict(zip(terms, stats[spec.index, :-1].tolist())) for spec in specs}
-            for spec in specs:
-                history[spec.name].append(last[spec.name]["total"])
-            if writer is not None:
-                _log_scalars(writer, step, last, stats[:, -1], sched, global_batch / seconds)
-            if dist_info.is_main and (step % cfg.run.log_every == 0 or step == n_steps or step == start_step + 1):
-                eta = runtime.Progress.format_seconds(progress.eta_seconds(step - 1))
-                losses = "  ".join(f"{name} {values['total']:.4f}" for name, values in last.items())
-                logger.info(f"step {step}/{n_steps} [{phase}]  loss {losses}  lr {sched.lr:.2e}  "
-                            f"{global_batch / seconds:.1f} img/s  eta {eta}")
-            if cfg.run.dense_every and (step % cfg.run.dense_every == 0 or step == n_steps):
-                dense_history[step] = log_students_dense(writer, runs, dense_set, step, dist_info)
+            monitor.log_step(step, phase, stats, sched, time.perf_counter() - t0)
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
-            if step % cfg.run.checkpoint_every == 0 or step == n_steps or stop_now:
-                for run in runs:
-                    save_student(step, run, cfg)
-                runtime.barrier(dist_info)
-                # Old checkpoints go only once every student has this step: a crash between two students' saves
-                # then still leaves a step they all have to resume from, even with run.keep_last = 1.
-                for run in runs:
-                    if run.is_leader:
-                        runtime.prune_checkpoints(student_dir(cfg, run.spec), cfg.run.keep_last)
+            if step % cfg.run.checkpoint_every == 0 or step == monitor.n_steps or stop_now:
+                save_students(step, runs, cfg, dist_info)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoints saved at step {step}, "
                             "exiting")
@@ -907,22 +937,9 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
         stop.restore()
         data_iter = None
 
-    summary = _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info,
-                       dense_history)
-    if writer is not None:
-        writer.close()
+    summary = monitor.finish(step, dataset)
     runtime.barrier(dist_info)
     return summary
-
-
-def _log_scalars(writer, step: int, last: dict, seconds_per_image: torch.Tensor, sched, images_per_s: float) -> None:
-    for (name, terms), seconds in zip(last.items(), seconds_per_image.tolist()):
-        for term, value in terms.items():
-            writer.add_scalar(f"loss/{name}/{term}", value, step)
-        writer.add_scalar(f"train/{name}/seconds_per_image", seconds, step)
-    writer.add_scalar("schedule/lr", sched.lr, step)
-    writer.add_scalar("schedule/teacher_temp", sched.teacher_temp, step)
-    writer.add_scalar("train/images_per_s", images_per_s, step)
 
 
 def log_students_dense(writer, runs: list[StudentRun], dense_set: DenseSet, step: int,
@@ -951,7 +968,7 @@ def _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, 
     digests = _gather_objects({run.spec.name: param_digest(run.net) for run in runs}, dist_info)
     leaders = [run for run in runs if run.is_leader]
     if step == total_steps(cfg) and leaders:
-        pca_images = train.pca_batch(dataset, cfg, dist_info.device)
+        pca_images = pca_batch(dataset, cfg.data.global_size, dist_info.device)
         for run in leaders:
             save_png(pca_figure(run.net.backbone, pca_images), student_dir(cfg, run.spec) / "pca_features.png")
     summary = {

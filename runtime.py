@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 logger = logging.getLogger("dinov3")
 
@@ -273,3 +274,45 @@ class Progress:
     @staticmethod
     def format_seconds(seconds: float) -> str:
         return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def full_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    """A plain or FSDP2-sharded module's full state dict on the CPU (every rank takes part; with FSDP2 only rank 0
+    gets the tensors), with the optimizer's when one is given."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(module, options=options)
+    if optimizer is None:
+        return model_state
+    return model_state, get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def set_full_state(module: nn.Module, state: dict) -> None:
+    """Load a full (unsharded) state dict into a plain or FSDP2-sharded module, strictly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (the other entries as they are)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def skip_or_stop(what: str, step: int, skips: int, skip_allowed: bool, max_skips: int, checkpoint_dir: Path,
+                 detail: str = "") -> int:
+    """A step whose loss or gradient is not finite (`what`, e.g. "loss became nan"; `step` as the log numbers it):
+    stop with FloatingPointError, the last checkpoint intact, or -- when skipping is allowed and fewer than
+    `max_skips` steps were skipped -- log the skip and return the new count (the caller leaves the weights alone)."""
+    if not skip_allowed or skips >= max_skips:
+        limit = f" (the limit of {max_skips} skipped steps is reached)" if skip_allowed else ""
+        raise FloatingPointError(
+            f"{what} at step {step}{detail}{limit}; stopping. The last good checkpoint in {checkpoint_dir} is intact; "
+            "lower optim.lr or use --run.skip-nonfinite to skip such steps")
+    logger.warning(f"step {step}: {what}, its update skipped ({skips + 1} skipped so far, at most {max_skips})")
+    return skips + 1

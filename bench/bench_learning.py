@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import runtime
 from bench.common import REPO_ROOT, report
-from eval import (
+from probes import (
     knn_topk_accuracy,
     linear_probe,
     load_eval_backbone,
@@ -80,7 +80,7 @@ def teacher_backbone(cfg: TrainConfig, checkpoint: Path | None) -> torch.nn.Modu
     """The EMA teacher's backbone of a checkpoint, or (None) the network at initialization of `cfg`'s seed."""
     if checkpoint is None:
         runtime.seed_everything(cfg.run.seed)  # what train() does before it builds the nets
-        return build_student_teacher(cfg)[1].backbone.eval()
+        return build_student_teacher(cfg.model)[1].backbone.eval()
     backbone = load_eval_backbone(checkpoint)
     backbone.set_attn_impl(cfg.model.attn_impl)
     return backbone

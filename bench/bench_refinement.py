@@ -42,13 +42,14 @@ device = torch.device("{device}")
 cfg = train.parse_config(["demo", "--model.arch", "{arch}", "--gram.enabled", "--gram.start-iteration", "0",
                           "--run.device", "{device}", "--gram.{img_level}"])
 torch.manual_seed(0)
-student, teacher = train.build_student_teacher(cfg)
+student, teacher = train.build_student_teacher(cfg.model)
 gram_teacher = train.build_gram_teacher(cfg)
 train.copy_weights(gram_teacher, teacher.backbone)
 for net in (student, teacher, gram_teacher):
     net.to(device)
-step_losses = train.SSLLosses(cfg).to(device)
+step_losses = train.SSLLosses(cfg.model, cfg.loss, cfg.gram).to(device)
 optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
+state = train.TrainState(student, teacher, gram_teacher, student, optimizer, step_losses)
 loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=2), CropSizes({global_size}, 112, {gram_size}),
                       batch_size={batch}, num_workers=0)
 batch = {{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}}
@@ -56,8 +57,8 @@ sched = train.schedules_at(10**6, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
 autocast = device.type == "cuda"
 
 def step():
-    terms = train.forward_losses(student, teacher, step_losses, batch, sched, autocast, gram_teacher)
-    train.backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
+    terms = train.forward_losses(state, batch, sched, autocast)
+    train.backward_and_update(state, terms["total"], sched, cfg.optim.clip_grad)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return terms

@@ -61,11 +61,12 @@ def measure_train_step(
         "--model.attn-impl", attn_impl, "--model.kernel-impl", kernel_impl,
     ])
     torch.manual_seed(0)
-    student, teacher = train.build_student_teacher(cfg)
+    student, teacher = train.build_student_teacher(cfg.model)
     student.to(device)
     teacher.to(device)
-    losses = train.SSLLosses(cfg).to(device)
+    losses = train.SSLLosses(cfg.model, cfg.loss).to(device)
     optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
+    state = train.TrainState(student, teacher, None, student, optimizer, losses)
     loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=8), CropSizes(global_size, local_size),
                           batch_size=batch, num_workers=0)
     batch_data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}
@@ -73,8 +74,8 @@ def measure_train_step(
     autocast = device == "cuda"
 
     def step():
-        terms = train.forward_losses(student, teacher, losses, batch_data, sched, autocast)
-        train.backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
+        terms = train.forward_losses(state, batch_data, sched, autocast)
+        train.backward_and_update(state, terms["total"], sched, cfg.optim.clip_grad)
         if device == "cuda":
             torch.cuda.synchronize()
 

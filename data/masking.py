@@ -164,14 +164,25 @@ class MaskingCollate:
             batch["gram_teacher_crops"] = _crop_major([s["gram_teacher_crops"] for s in samples])
         n_global_crops = samples[0]["global_crops"].shape[0]
         masks = self.masks(positions.tolist(), n_global_crops, global_size // self.patch_size)
-        masked_per_crop = masks.sum(dim=1)
-        weights = (1.0 / masked_per_crop.clamp(min=1).to(torch.float32))[:, None].expand_as(masks)
         batch["masks"] = masks
         batch["mask_indices"] = masks.flatten().nonzero().flatten()
-        batch["mask_weights"] = weights[masks]
+        batch["mask_weights"] = ibot_mask_weights(masks)
         batch["n_masked"] = torch.tensor(len(batch["mask_indices"]), dtype=torch.int64)
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
         batch["indices"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
         batch["positions"] = positions
         batch["n_skipped"] = torch.tensor(sum(s["n_skipped"] for s in samples), dtype=torch.int64)
         return batch
+
+
+def ibot_mask_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Per masked token, 1 / (masked tokens in its image): [M] float32, tokens in row-major order of masks.
+
+    masks: [n_images, n_patches] bool, True where the student's patch is masked. The order matches
+    `masks.flatten().nonzero()` (the order in which masked tokens are gathered).
+    """
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 2 or masks.dtype != torch.bool:
+        what = f"{tuple(masks.shape)} {masks.dtype}" if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"ibot_mask_weights: masks must be a bool [n_images, n_patches] tensor, got {what}")
+    per_image = 1.0 / masks.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
+    return per_image[:, None].expand(masks.shape)[masks]

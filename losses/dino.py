@@ -13,10 +13,9 @@ local-crop and global-crop means separately and recombines them with weights pro
 counts (which gives the same number at loss weight 1). Both means are returned for logging.
 
 Teacher targets p are computed by `teacher_probs` from the teacher head's scores: Sinkhorn-Knopp centering
-(3 iterations, the DINOv3 default, kernels/sinkhorn.py), or softmax((scores - center) / teacher_temp) with
-a center that follows an EMA (momentum 0.9) of the batch mean of teacher scores. The teacher temperature is
-warmed up from 0.04 to 0.07, the student temperature is 0.1. The pretraining objective is
-L_DINO + L_iBOT + 0.1 * L_KoLeo.
+(kernels/sinkhorn.py), or softmax((scores - center) / teacher_temp) with a center that follows an EMA of the batch
+mean of teacher scores. The temperatures, iteration count, momentum and the weights of the objective's terms are
+config values (config.LossConfig, config.TeacherConfig), not restated here.
 
 `SelfDistillationLoss` (the student temperature and teacher centering) is shared with the iBOT loss.
 """

@@ -24,26 +24,13 @@ import torch.nn.functional as F
 from losses.dino import SelfDistillationLoss
 
 
-def ibot_mask_weights(masks: torch.Tensor) -> torch.Tensor:
-    """Per masked token, 1 / (masked tokens in its image): [M] float32, tokens in row-major order of masks.
-
-    masks: [n_images, n_patches] bool, True where the student's patch is masked. The order matches
-    `masks.flatten().nonzero()` (the order in which masked tokens are gathered).
-    """
-    if not isinstance(masks, torch.Tensor) or masks.dim() != 2 or masks.dtype != torch.bool:
-        what = f"{tuple(masks.shape)} {masks.dtype}" if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise ValueError(f"ibot_mask_weights: masks must be a bool [n_images, n_patches] tensor, got {what}")
-    per_image = 1.0 / masks.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
-    return per_image[:, None].expand(masks.shape)[masks]
-
-
 class IBOTLoss(SelfDistillationLoss):
     """Masked-patch iBOT loss (see the module docstring); centering as in `SelfDistillationLoss`.
 
     forward(student_logits, teacher_probs, mask_weights, n_images):
       student_logits: [M, K] student iBOT-head scores of the masked tokens;
       teacher_probs: [M, K] targets from `teacher_probs` for the same tokens, no grad;
-      mask_weights: [M] per-token weights (`ibot_mask_weights`; 0 for padding rows);
+      mask_weights: [M] per-token weights (`data.masking.ibot_mask_weights`; 0 for padding rows);
       n_images: the number of student global-crop images on this rank, masked or not (2 * B).
     With M = 0 the loss is a zero that is still connected to the student's graph.
     """
@@ -81,7 +68,7 @@ class IBOTLoss(SelfDistillationLoss):
         if not isinstance(mask_weights, torch.Tensor) or tuple(mask_weights.shape) != (n_tokens,):
             shape = tuple(mask_weights.shape) if isinstance(mask_weights, torch.Tensor) else type(mask_weights).__name__
             raise ValueError(
-                f"IBOTLoss: mask_weights must be [{n_tokens}] (one weight per masked token, see ibot_mask_weights), "
+                f"IBOTLoss: mask_weights must be [{n_tokens}] (one weight per masked token, see data.masking.ibot_mask_weights), "
                 f"got {shape}"
             )
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:

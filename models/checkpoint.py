@@ -70,7 +70,7 @@ HOW_TO_GET_A_CHECKPOINT = (
 
 def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> Path:
     """The file behind a checkpoint argument: the file itself, a train.py run folder's newest checkpoint, or a
-    Hugging Face save_pretrained folder's model.safetensors; errors end with `how_to_get`."""
+    Hugging Face save_pretrained folder's model.safetensors (else pytorch_model.bin); errors end with `how_to_get`."""
     import runtime  # the repository root's shared helpers: list_checkpoints knows train.py's file names
 
     if checkpoint is None:
@@ -82,12 +82,13 @@ def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HO
         found = runtime.list_checkpoints(path)
         if found:
             return found[-1][1]
-        path = path / "model.safetensors"
-        if not path.is_file():
+        weights = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        if not weights:
             raise CheckpointError(
-                f"folder {path.parent} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors "
-                f"(a DINOv3ViTModel.save_pretrained folder, single and unsharded): {how_to_get}"
+                f"folder {path} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors or "
+                f"pytorch_model.bin (a Hugging Face save_pretrained folder, single and unsharded): {how_to_get}"
             )
+        path = weights[0]
     return path
 
 

@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 
 import eval as ev
+import probes
+import figures
+import dense
 from models.checkpoint import CheckpointError, load_backbone, save_official
 from models.vit import build_vit
 
@@ -52,11 +55,11 @@ def test_knn_on_features_of_known_structure_gives_the_known_accuracy():
         ranked([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),  # label 0: first -> both right
     ])
     test_labels = torch.tensor([3, 3, 3, 0])
-    result = ev.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(5, 50), temperature=0.07)
+    result = probes.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(5, 50), temperature=0.07)
     assert result["top1_k5"] == 0.5  # k=5 holds only the 5 copies of the most similar class
     assert result["top1_k50"] == 0.5 and result["top5_k50"] == 0.75
     # k above the number of train features uses them all; chunking the test set changes nothing.
-    assert ev.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(500,), chunk_size=1) == {
+    assert probes.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(500,), chunk_size=1) == {
         "top1_k500": 0.5, "top5_k500": 0.75}
 
 
@@ -68,9 +71,8 @@ def test_knn_votes_are_weighted_by_temperature():
                          dtype=torch.float32)
     train_labels = torch.tensor([0, 1, 1, 1])
     test, test_labels = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
-    assert ev.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(4,), temperature=0.07)["top1_k4"] == 1.0
-    assert ev.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(4,), temperature=1.0)["top1_k4"] == 0.0
-    assert ev.knn_predict(train, train_labels, test, k=4, temperature=0.07).argmax().item() == 0
+    assert probes.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(4,), temperature=0.07)["top1_k4"] == 1.0
+    assert probes.knn_topk_accuracy(train, train_labels, test, test_labels, ks=(4,), temperature=1.0)["top1_k4"] == 0.0
 
 
 def separable_features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +90,7 @@ def separable_features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_linear_probe_is_near_perfect_on_linearly_separable_features():
     train_x, train_y = separable_features(400, seed=0)
     val_x, val_y = separable_features(200, seed=1)
-    result = ev.linear_probe(train_x, train_y, val_x, val_y, lrs=(1e-5, 1e-2, 1e-1), weight_decays=(0.0, 1e-3),
+    result = probes.linear_probe(train_x, train_y, val_x, val_y, lrs=(1e-5, 1e-2, 1e-1), weight_decays=(0.0, 1e-3),
                              epochs=20, batch_size=64)
     assert result["val_top1"] >= 0.98 and result["val_top5"] == 1.0
     assert len(result["grid"]) == 6
@@ -99,8 +101,8 @@ def test_linear_probe_is_near_perfect_on_linearly_separable_features():
 
 def test_grid_points_train_independently():
     x, y = separable_features(100, seed=2)
-    together_w, together_b = ev.train_linear_probes(x, y, 4, [(1e-2, 0.0), (0.3, 1e-2)], epochs=2, batch_size=16)
-    alone_w, alone_b = ev.train_linear_probes(x, y, 4, [(0.3, 1e-2)], epochs=2, batch_size=16)
+    together_w, together_b = probes.train_linear_probes(x, y, 4, [(1e-2, 0.0), (0.3, 1e-2)], epochs=2, batch_size=16)
+    alone_w, alone_b = probes.train_linear_probes(x, y, 4, [(0.3, 1e-2)], epochs=2, batch_size=16)
     torch.testing.assert_close(together_w[1:], alone_w)
     torch.testing.assert_close(together_b[1:], alone_b)
 
@@ -129,33 +131,33 @@ def test_knn_and_linear_cli_on_procedural_data_cache_their_features(checkpoint, 
 
 
 def test_cache_key_follows_checkpoint_data_and_resolution(checkpoint, tmp_path, tiny_backbone):
-    train, val = ev.procedural_splits(10, 5, 32, 4, seed=0)
-    key = ev.checkpoint_fingerprint(checkpoint)
-    base = ev.feature_cache_file(tmp_path, key, train, 32, 1.0)
-    assert base == ev.feature_cache_file(tmp_path, key, train, 32, 1.0)
-    assert base != ev.feature_cache_file(tmp_path, key, val, 32, 1.0)
-    assert base != ev.feature_cache_file(tmp_path, key, train, 48, 1.0)
+    train, val = probes.procedural_splits(10, 5, 32, 4, seed=0)
+    key = probes.checkpoint_fingerprint(checkpoint)
+    base = probes.feature_cache_file(tmp_path, key, train, 32, 1.0)
+    assert base == probes.feature_cache_file(tmp_path, key, train, 32, 1.0)
+    assert base != probes.feature_cache_file(tmp_path, key, val, 32, 1.0)
+    assert base != probes.feature_cache_file(tmp_path, key, train, 48, 1.0)
     copy = tmp_path / "copy.pth"
     copy.write_bytes(checkpoint.read_bytes())
     os.utime(copy, ns=(1, 1))
-    stamp = ev.checkpoint_fingerprint(copy)
+    stamp = probes.checkpoint_fingerprint(copy)
     os.utime(copy, ns=(2, 2))  # rewritten: another modification time
-    assert stamp != ev.checkpoint_fingerprint(copy) and key != stamp
+    assert stamp != probes.checkpoint_fingerprint(copy) and key != stamp
     weights = tiny_backbone.state_dict()
     changed = {**weights, "cls_token": weights["cls_token"] + 1}
-    assert ev.checkpoint_fingerprint(weights) == ev.checkpoint_fingerprint(dict(weights))
-    assert ev.checkpoint_fingerprint(weights) != ev.checkpoint_fingerprint(changed)
+    assert probes.checkpoint_fingerprint(weights) == probes.checkpoint_fingerprint(dict(weights))
+    assert probes.checkpoint_fingerprint(weights) != probes.checkpoint_fingerprint(changed)
 
 
 def test_every_checkpoint_format_loads(tiny_backbone, checkpoint, tmp_path):
     images = torch.randn(2, 3, 32, 48)
 
     def features(backbone):
-        cls, patches = ev.forward_tokens(backbone, images)
+        cls, patches = dense.forward_tokens(backbone, images)
         return torch.cat([cls[:, None], patches], dim=1)
 
     expected = features(tiny_backbone)
-    torch.testing.assert_close(features(ev.load_eval_backbone(checkpoint)), expected)
+    torch.testing.assert_close(features(probes.load_eval_backbone(checkpoint)), expected)
     # A train.py checkpoint: the teacher's backbone (not the student's, not the heads).
     weights = tiny_backbone.state_dict()
     train_checkpoint = tmp_path / "checkpoint_00000010.pth"
@@ -163,7 +165,7 @@ def test_every_checkpoint_format_loads(tiny_backbone, checkpoint, tmp_path):
                 "teacher": {**{f"backbone.{k}": v for k, v in weights.items()},
                             "dino_head.last_layer.weight": torch.zeros(8, 4)},
                 "student": {f"backbone.{k}": torch.zeros_like(v) for k, v in weights.items()}}, train_checkpoint)
-    torch.testing.assert_close(features(ev.load_eval_backbone(train_checkpoint)), expected)
+    torch.testing.assert_close(features(probes.load_eval_backbone(train_checkpoint)), expected)
     # Hugging Face DINOv3ViTModel weights: a state dict file and a save_pretrained folder (model.safetensors).
     transformers = pytest.importorskip("transformers")
     config = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -174,11 +176,11 @@ def test_every_checkpoint_format_loads(tiny_backbone, checkpoint, tmp_path):
     reference = features(load_backbone(hf.state_dict()))
     torch.save(hf.state_dict(), tmp_path / "hf.pth")
     hf.save_pretrained(tmp_path / "hf_folder")
-    torch.testing.assert_close(features(ev.load_eval_backbone(tmp_path / "hf.pth")), reference)
-    torch.testing.assert_close(features(ev.load_eval_backbone(tmp_path / "hf_folder")), reference)
+    torch.testing.assert_close(features(probes.load_eval_backbone(tmp_path / "hf.pth")), reference)
+    torch.testing.assert_close(features(probes.load_eval_backbone(tmp_path / "hf_folder")), reference)
     torch.save({"format": "dinov3-train-checkpoint", "teacher": {}}, tmp_path / "headless.pth")
     with pytest.raises(CheckpointError, match="without teacher backbone weights"):
-        ev.load_eval_backbone(tmp_path / "headless.pth")
+        probes.load_eval_backbone(tmp_path / "headless.pth")
 
 
 def write_photo(path: Path, width: int, height: int) -> Path:
@@ -208,8 +210,8 @@ def test_pca_and_cosine_pngs_have_the_expected_size_and_content(checkpoint, tmp_
     heat = cosine[:, 80:]
     assert len(np.unique(heat.reshape(-1, 3), axis=0)) > 3
     # Inside the outlined patch (row 1, col 2) the map shows its similarity to itself, the maximum: yellow.
-    np.testing.assert_array_equal(heat[16 + 4 : 32 - 4, 32 + 4 : 48 - 4], np.broadcast_to(ev.colormap(1.0), (8, 8, 3)))
-    assert tuple(heat[16, 40]) == ev.MARKER_COLOR and tuple(cosine[16, 40]) == ev.MARKER_COLOR
+    np.testing.assert_array_equal(heat[16 + 4 : 32 - 4, 32 + 4 : 48 - 4], np.broadcast_to(figures.colormap(1.0), (8, 8, 3)))
+    assert tuple(heat[16, 40]) == figures.MARKER_COLOR and tuple(cosine[16, 40]) == figures.MARKER_COLOR
     np.testing.assert_array_equal(np.asarray(Image.open(sheet)), cosine)
 
 
@@ -220,17 +222,17 @@ def test_foreground_threshold_blackens_the_background():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(36, 16, generator=generator) * 0.1
     features[inside.flatten(), 0] += 3.0  # the object's patches differ along one direction
-    rgb = ev.pca_rgb(features, grid, foreground_threshold=0.5)
+    rgb = figures.pca_rgb(features, grid, foreground_threshold=0.5)
     assert rgb.shape == (6, 6, 3)
     assert (rgb[~inside.numpy()] == 0).all() and (rgb[inside.numpy()].max(axis=-1) > 0).all()
     # The same features with the sign of the object flipped give the same mask: the orientation is not arbitrary.
-    assert ((ev.pca_rgb(-features, grid, 0.5) == 0).all(axis=-1) == ~inside.numpy()).all()
-    assert ev.pca_rgb(features, grid).reshape(-1, 3).std(axis=0).min() > 0
+    assert ((figures.pca_rgb(-features, grid, 0.5) == 0).all(axis=-1) == ~inside.numpy()).all()
+    assert figures.pca_rgb(features, grid).reshape(-1, 3).std(axis=0).min() > 0
 
 
 def test_colormap_runs_from_dark_purple_to_yellow():
-    assert tuple(ev.colormap(0.0)) == (68, 1, 84) and tuple(ev.colormap(1.0)) == (253, 231, 37)
-    luminance = ev.colormap(np.linspace(0, 1, 50)).astype(float) @ np.array([0.299, 0.587, 0.114])
+    assert tuple(figures.colormap(0.0)) == (68, 1, 84) and tuple(figures.colormap(1.0)) == (253, 231, 37)
+    luminance = figures.colormap(np.linspace(0, 1, 50)).astype(float) @ np.array([0.299, 0.587, 0.114])
     assert (np.diff(luminance) > 0).all()
 
 

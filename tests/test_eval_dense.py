@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import probes
 from data.dense_sets import generated_video, save_mask
 from dense import predict_masks, region_iou, upsample_labels
 from models.checkpoint import save_official
@@ -64,7 +65,7 @@ def test_segmentation_probe_learns_a_separable_task_and_reports_chance_on_noise(
 
 
 def test_initialization_baseline_is_the_same_architecture_started_as_the_run_was(tmp_path, checkpoint):
-    backbone = ev.load_eval_backbone(checkpoint)
+    backbone = probes.load_eval_backbone(checkpoint)
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model": {"layerscale_init": 0.5}}))

@@ -213,11 +213,12 @@ def test_gram_teacher_changes_only_on_schedule_and_never_gets_gradients(tmp_path
     seen = []
     forward_losses = train.forward_losses
 
-    def spy(model, teacher, losses, batch, sched, autocast, gram_teacher=None):
-        seen.append({"gram": _fingerprint(gram_teacher), "ema": _fingerprint(teacher.backbone),
+    def spy(state, batch, sched, autocast):
+        gram_teacher = state.gram_teacher
+        seen.append({"gram": _fingerprint(gram_teacher), "ema": _fingerprint(state.teacher.backbone),
                      "weight": sched.gram_weight,
                      "grad": any(p.requires_grad or p.grad is not None for p in gram_teacher.parameters())})
-        return forward_losses(model, teacher, losses, batch, sched, autocast, gram_teacher)
+        return forward_losses(state, batch, sched, autocast)
 
     monkeypatch.setattr(train, "forward_losses", spy)
     cfg = gram_config(tmp_path, "--optim.iterations", "9", "--gram.start-iteration", "2",
@@ -291,7 +292,7 @@ def test_init_from_a_training_checkpoint_or_a_released_backbone(tmp_path):
     for start_from in ("student", "teacher"):
         cfg = tiny_config(tmp_path / start_from, "--init-from", str(tmp_path / "pretrain"),
                           "--init-student-from", start_from)
-        student, teacher = train.build_student_teacher(cfg)
+        student, teacher = train.build_student_teacher(cfg.model)
         train.initialize_from(train.resolve_checkpoint_source(cfg.init_from, "--init-from"), cfg, student, teacher)
         for key, value in student.state_dict().items():
             assert torch.equal(value, checkpoint[start_from][key]), key
@@ -300,9 +301,9 @@ def test_init_from_a_training_checkpoint_or_a_released_backbone(tmp_path):
 
     released = tmp_path / "released.pth"
     cfg = tiny_config(tmp_path / "released_run", "--init-from", str(released))
-    source, _ = train.build_student_teacher(cfg)
+    source, _ = train.build_student_teacher(cfg.model)
     save_official(source.backbone, released)
-    student, teacher = train.build_student_teacher(cfg)
+    student, teacher = train.build_student_teacher(cfg.model)
     train.initialize_from(released, cfg, student, teacher)
     for net in (student, teacher):
         for key, value in net.backbone.state_dict().items():
@@ -313,7 +314,7 @@ def test_init_from_a_training_checkpoint_or_a_released_backbone(tmp_path):
     assert torch.equal(_fingerprint(gram_teacher), _fingerprint(source.backbone))
 
     wrong = tiny_config(tmp_path / "wrong", "--model.arch", "vit_small", "--init-from", str(released))
-    small_student, small_teacher = train.build_student_teacher(wrong)
+    small_student, small_teacher = train.build_student_teacher(wrong.model)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         train.initialize_from(released, wrong, small_student, small_teacher)
     with pytest.raises(CheckpointError, match="model.arch='vit_tiny'"):

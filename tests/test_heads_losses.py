@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from kernels.sinkhorn import sinkhorn_knopp_reference
 from losses.dino import DINOLoss
-from losses.ibot import IBOTLoss, ibot_mask_weights
+from data.masking import ibot_mask_weights
+from losses.ibot import IBOTLoss
 from models.heads import DINOHead, build_heads
 
 

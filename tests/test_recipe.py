@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 
+import objective
 import train
 from data.augment import AugmentConfig, MultiCropAugmentation, sample_rng
 from losses.koleo import KoLeoLoss
@@ -175,7 +176,7 @@ def test_schedule_rejects_impossible_lengths():
 def test_param_groups_follow_the_official_rules(name, decay):
     """Each preset's optimizer settings on a small ViT (the rules depend on names and depth, not on width)."""
     cfg = train.parse_config(["demo"])
-    student, _ = train.build_student_teacher(cfg)
+    student, _ = train.build_student_teacher(cfg.model)
     groups = train.param_groups(student, preset(name).optim)
     of = {id(p): g for g in groups for p in g["params"]}
     depth = 4
@@ -209,7 +210,7 @@ def test_param_groups_follow_the_official_rules(name, decay):
 
 def test_frozen_prototypes_get_lr_zero_and_stay_put_while_the_rest_moves():
     cfg = train.parse_config(["demo", "--optim.freeze-last-layer-iterations", "2"])
-    student, _ = train.build_student_teacher(cfg)
+    student, _ = train.build_student_teacher(cfg.model)
     optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=0.0)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     for step, frozen in ((0, True), (1, True), (2, False)):
@@ -227,7 +228,7 @@ def test_frozen_prototypes_get_lr_zero_and_stay_put_while_the_rest_moves():
 def test_ema_update_is_the_plain_formula():
     cfg = train.parse_config(["demo"])
     torch.manual_seed(0)
-    student, teacher = train.build_student_teacher(cfg)
+    student, teacher = train.build_student_teacher(cfg.model)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
@@ -256,7 +257,7 @@ def test_koleo_term_matches_its_formula(crops, group_size):
     torch.manual_seed(1)
     batch = 12
     cls_global = torch.randn(2 * batch, 32)  # crop-major: crop 1's 12 images, then crop 2's
-    term = train.koleo_of_crops(train.build_koleo(cfg.loss), cls_global, 2, cfg.loss.koleo_crops)
+    term = objective.koleo_of_crops(objective.build_koleo(cfg.loss), cls_global, 2, cfg.loss.koleo_crops)
     per_crop = cls_global.view(2, batch, 32)[: 1 if crops == "first" else 2]
     size = batch if group_size is None else group_size
     expected = 0.0
@@ -264,7 +265,7 @@ def test_koleo_term_matches_its_formula(crops, group_size):
         groups = [g for g in tokens.split(size) if len(g) >= 2]
         expected += sum(koleo_formula(g) * len(g) for g in groups) / sum(len(g) for g in groups)
     torch.testing.assert_close(term.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
-    assert isinstance(train.build_koleo(cfg.loss), KoLeoLoss) == (group_size is None)
+    assert isinstance(objective.build_koleo(cfg.loss), KoLeoLoss) == (group_size is None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,5 +305,5 @@ def test_every_recipe_number_is_reachable_from_the_command_line():
     assert not cfg.augment.gram_teacher_photometric
     assert (cfg.loss.sinkhorn_iterations, cfg.loss.center_momentum) == (5, 0.8)
     assert (cfg.teacher.temp.peak, cfg.teacher.momentum.peak, cfg.model.rope_jitter_per) == (0.06, 0.99, "forward")
-    losses = train.SSLLosses(cfg)
+    losses = train.SSLLosses(cfg.model, cfg.loss, cfg.gram)
     assert (losses.dino.sinkhorn_iterations, losses.dino.center_momentum) == (5, 0.8)

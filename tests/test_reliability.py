@@ -187,8 +187,8 @@ def test_skipped_nonfinite_steps_are_logged_counted_and_checkpointed(tmp_path, m
     assert summary["step"] == 5 and summary["stats"]["nonfinite_skips"] == 2
     assert len(summary["history"]) == 3  # the trained steps
     log = (tmp_path / "skip" / "log.txt").read_text()
-    assert "step 2: loss became nan, step skipped (1 so far" in log
-    assert "step 5: loss became nan, step skipped (2 so far" in log
+    assert "step 2: loss became nan, its update skipped (1 skipped so far" in log
+    assert "step 5: loss became nan, its update skipped (2 skipped so far" in log
     final = read_checkpoint_file(tmp_path / "skip" / "checkpoint_00000005.pth")
     assert final["stats"]["nonfinite_skips"] == 2
     assert all(torch.isfinite(v).all() for v in _tensors(final).values())

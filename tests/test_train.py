@@ -12,7 +12,7 @@ import torch
 
 import train
 from data.datasets import ImageFolderDataset, ProceduralDataset
-from eval import knn_accuracy, load_eval_images
+from probes import knn_eval, load_eval_images
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_init_continues_run_takes_the_step_and_state_of_another_run(tmp_path):
 
 def test_rope_box_is_drawn_per_block_and_crop_group_and_the_teacher_draws_none(tmp_path):
     cfg = tiny_config(tmp_path)
-    student, teacher = train.build_student_teacher(cfg)
+    student, teacher = train.build_student_teacher(cfg.model)
     assert student.training and not teacher.training
     draws = []
     rope_forward = student.backbone.rope_embed.forward
@@ -183,12 +183,12 @@ def test_learning_signal_knn_beats_initialization(tmp_path):
                       "--optim.lr.warmup-iterations", "15", "--model.layerscale-init", "1.0", "--teacher.temp.peak",
                       "0.04", "--run.checkpoint-every", "1000", "--run.seed", "0")
     runtime.seed_everything(cfg.run.seed)  # the network train() starts from
-    _, initial_teacher = train.build_student_teacher(cfg)
-    before = knn_accuracy(initial_teacher.backbone, ref_x, ref_y, test_x, test_y)
+    _, initial_teacher = train.build_student_teacher(cfg.model)
+    before = knn_eval(initial_teacher.backbone, ref_x, ref_y, test_x, test_y, ks=(20,))["top1_k20"]
     train.train(cfg, data)
     payload = torch.load(tmp_path / "checkpoint_00000150.pth", weights_only=True)
     initial_teacher.load_state_dict(payload["teacher"])
-    after = knn_accuracy(initial_teacher.backbone, ref_x, ref_y, test_x, test_y)
+    after = knn_eval(initial_teacher.backbone, ref_x, ref_y, test_x, test_y, ks=(20,))["top1_k20"]
     print(f"k-NN accuracy: init {before:.3f} -> trained {after:.3f}")
     assert after >= before + 0.05, (before, after)
 

@@ -1,0 +1,89 @@
+"""The self-distillation objective of one step: DINO on the class tokens, iBOT on the masked patch tokens, KoLeo on
+the global crops' class tokens, and Gram anchoring when it is on, with the teacher-side centering (losses/).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from config import GramConfig, KoLeoCrops, LossConfig, ModelConfig
+from losses.dino import DINOLoss
+from losses.gram import GramAnchoringLoss
+from losses.ibot import IBOTLoss
+from losses.koleo import DistributedKoLeoLoss, KoLeoLoss
+
+
+class StudentOutputs(NamedTuple):
+    """What a student's forward over all crops gives the objective."""
+
+    dino: torch.Tensor  # class-token head outputs of every crop [(2 + n_local) B, K], crop-major
+    ibot: torch.Tensor  # patch head outputs of the masked global-crop patches [M, K']
+    cls_global: torch.Tensor  # the global crops' class tokens [2B, C] (KoLeo)
+    global_patches: torch.Tensor | None = None  # the global crops' patch tokens [2B, P, C] (Gram anchoring)
+
+
+def build_koleo(loss: LossConfig, process_group=None) -> nn.Module:
+    """KoLeo over each rank's own batch (no group size: no communication), or over groups of
+    loss.koleo_group_size consecutive images of the global batch, even when a group spans ranks."""
+    if loss.koleo_group_size is None:
+        return KoLeoLoss(group_size=None)
+    return DistributedKoLeoLoss(group_size=loss.koleo_group_size, process_group=process_group)
+
+
+def koleo_of_crops(koleo: nn.Module, cls_global: torch.Tensor, n_global: int, crops: KoLeoCrops) -> torch.Tensor:
+    """The official objective's KoLeo term: KoLeo of each global crop's class tokens ([n_global * B, C],
+    crop-major), summed over the crops (its code's crop average times n_global); crops="first": the paper's text,
+    the first global crop only."""
+    per_crop = cls_global.unflatten(0, (n_global, -1))
+    return sum(koleo(tokens) for tokens in (per_crop[:1] if crops == "first" else per_crop))
+
+
+class SSLLosses(nn.Module):
+    """DINO + iBOT + KoLeo (+ Gram anchoring) with their teacher centering; the only state is the optional softmax
+    centers."""
+
+    def __init__(self, model: ModelConfig, loss: LossConfig, gram: GramConfig | None = None, process_group=None):
+        super().__init__()
+        self.cfg = loss
+        # process_group: the ranks whose samples form the batch (None: all; distill.py: one student's ranks).
+        centering = dict(centering=loss.centering, center_momentum=loss.center_momentum,
+                         sinkhorn_iterations=loss.sinkhorn_iterations, sinkhorn_impl=model.kernel_impl,
+                         process_group=process_group)
+        self.dino = DINOLoss(model.dino_prototypes, student_temp=loss.student_temp, **centering)
+        self.ibot = IBOTLoss(model.ibot_prototypes, student_temp=loss.student_temp, **centering)
+        self.koleo = build_koleo(loss, process_group)
+        self.gram = GramAnchoringLoss(
+            normalize=gram.normalize, remove_neg=gram.remove_neg, img_level=gram.img_level,
+            tokens_used=gram.tokens_used, resize_mode=gram.resize_mode, resize_antialias=gram.resize_antialias,
+            impl=model.kernel_impl,
+        ) if gram is not None and gram.enabled else None
+
+    def forward(self, student_out: StudentOutputs, teacher_out: tuple[torch.Tensor, torch.Tensor], batch: dict,
+                teacher_temp: float, n_global: int, dino_local_weight: float = 1.0, gram_targets: tuple | None = None,
+                gram_weight: float = 0.0) -> dict:
+        """teacher_out: the teacher's DINO and iBOT logits. gram_targets: (Gram-teacher patch tokens [2B, P_t, C],
+        their grid, the student's grid) for a step with the Gram loss, which needs student_out.global_patches."""
+        dino_student, ibot_student, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
+        dino_teacher_logits, ibot_teacher_logits = teacher_out
+        dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
+        ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
+        dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
+        ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=batch["global_crops"].shape[0])
+        koleo = koleo_of_crops(self.koleo, cls_global, n_global, self.cfg.koleo_crops)
+        total = self.cfg.dino_weight * dino.loss + self.cfg.ibot_weight * ibot + self.cfg.koleo_weight * koleo
+        terms = {"dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss, "ibot": ibot,
+                 "koleo": koleo}
+        if gram_targets is not None:
+            student_patches = student_out.global_patches
+            teacher_patches, teacher_grid, student_grid = gram_targets
+            gram = self.gram(student_patches, teacher_patches, student_grid, teacher_grid,
+                             batch["masks"].view(student_patches.shape[:2]))
+            total = total + gram_weight * gram
+            terms["gram"] = gram
+        if self.cfg.centering == "softmax":
+            self.dino.update_center(dino_teacher_logits)
+            self.ibot.update_center(ibot_teacher_logits)
+        return {"total": total, **terms}

@@ -12,7 +12,7 @@ from models.checkpoint import (
     read_checkpoint_file,
     save_official,
 )
-from models.vit import VIT_ARCHS, build_vit, vit_tiny
+from models.vit import VIT_ARCHS, build_vit
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only parity peer")
 
@@ -65,7 +65,7 @@ def test_export_has_exactly_the_released_keys_and_shapes(arch, C, depth, D, F, s
 
 
 def test_bias_mask_masks_only_k():
-    mask = vit_tiny().state_dict()["blocks.0.attn.qkv.bias_mask"]
+    mask = build_vit("vit_tiny").state_dict()["blocks.0.attn.qkv.bias_mask"]
     C = 192
     assert torch.equal(mask, torch.cat([torch.ones(C), torch.zeros(C), torch.ones(C)]))
 
@@ -132,13 +132,13 @@ def test_hf_conversion_rejects_unknown_keys():
 
 
 def test_wrong_model_size_lists_the_mismatch():
-    sd = export_official(vit_tiny())
+    sd = export_official(build_vit("vit_tiny"))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_backbone(sd, arch="vit_small")
 
 
 def test_missing_and_unexpected_keys_are_listed():
-    sd = export_official(vit_tiny())
+    sd = export_official(build_vit("vit_tiny"))
     del sd["blocks.1.ls1.gamma"]
     sd["blocks.1.surprise"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match=r"missing keys \(1\).*ls1.gamma.*unexpected keys \(1\).*surprise"):
@@ -147,7 +147,7 @@ def test_missing_and_unexpected_keys_are_listed():
 
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     good = tmp_path / "good.pth"
-    save_official(vit_tiny(), good)
+    save_official(build_vit("vit_tiny"), good)
     data = good.read_bytes()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
@@ -170,7 +170,7 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
 
 
 def test_wrapper_prefixes_are_stripped():
-    sd = {"module." + k: v for k, v in export_official(vit_tiny()).items()}
+    sd = {"module." + k: v for k, v in export_official(build_vit("vit_tiny")).items()}
     assert load_backbone(sd).cfg == VIT_ARCHS["vit_tiny"]
 
 

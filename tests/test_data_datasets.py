@@ -205,16 +205,8 @@ def test_loader_batches_do_not_depend_on_worker_count_and_resume_exactly(tmp_pat
     assert_same_batches(take_batches(small_loader(images, num_workers=2), 5), reference)
     assert_same_batches(take_batches(small_loader(images, num_workers=0, start_step=2), 3), reference[2:5])
 
-    # The same through the sampler's state: training consumed 3 batches while the workers prefetched more.
-    loader = small_loader(images, num_workers=2)
-    iterator = iter(loader)
-    for _ in range(3):
-        next(iterator)
-        loader.sampler.advance(4)
-    state = loader.sampler.state_dict()
-    resumed = small_loader(images, num_workers=0)
-    resumed.sampler.load_state_dict(state)
-    assert_same_batches(take_batches(resumed, 2), reference[3:5])
+    # Resumed with workers (which prefetch ahead of the step): still the batches of steps 3 and 4.
+    assert_same_batches(take_batches(small_loader(images, num_workers=2, start_step=3), 2), reference[3:5])
 
 
 def test_unusable_image_counts_reach_the_training_process(tmp_path):

@@ -165,10 +165,10 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("train", [False, True])
 def test_vit_triton_attention_matches_sdpa(train):
     """vit_tiny (3 heads of 64, 5 prefix tokens) on a 64x80 image: same outputs and gradients either way."""
-    from models.vit import vit_tiny
+    from models.vit import build_vit
 
     torch.manual_seed(0)
-    model = vit_tiny(attn_impl="sdpa").train(train)
+    model = build_vit("vit_tiny", attn_impl="sdpa").train(train)
     images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
     results = {}
     for impl in ("sdpa", "triton"):

@@ -13,8 +13,7 @@ from models.checkpoint import (
     save_official,
 )
 from models.vit import VIT_ARCHS, build_vit
-
-transformers = pytest.importorskip("transformers", reason="transformers is the test-only parity peer")
+from tests.helpers import make_hf_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,23 +87,6 @@ def test_preset_is_inferred_from_shapes(arch):
     with torch.device("meta"):
         state_dict = build_vit(arch).state_dict()
     assert infer_config(state_dict) == VIT_ARCHS[arch]
-
-
-def make_hf_model(gated: bool, seed: int):
-    config = transformers.DINOv3ViTConfig(
-        hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256 if gated else 384,
-        use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", num_register_tokens=4,
-        layerscale_value=1.0, rope_theta=100.0, patch_size=16, image_size=224,
-    )
-    torch.manual_seed(seed)
-    hf = transformers.DINOv3ViTModel(config).eval()
-    with torch.no_grad():  # random weights everywhere (HF initializes biases and the mask token to 0)
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return hf
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])

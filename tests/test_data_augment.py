@@ -35,13 +35,8 @@ from data.datasets import bundled_photo_paths, open_image
 from train import OFFICIAL_HRFT_PROBABILITIES, OFFICIAL_HRFT_SIZES
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run like a DataLoader worker (one thread): tiny ops stall on OpenMP barriers when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Run like a DataLoader worker (one thread): tiny ops stall on OpenMP barriers when the cores are busy.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

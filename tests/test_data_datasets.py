@@ -26,13 +26,8 @@ SMALL_SIZES = CropSizes(32, 16)
 SMALL_AUGMENT = MultiCropAugmentation(AugmentConfig(n_local_crops=2))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run like a DataLoader worker (one thread): tiny ops stall on OpenMP barriers when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Run like a DataLoader worker (one thread): tiny ops stall on OpenMP barriers when the cores are busy.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def save_image(path: Path, size: tuple[int, int] = (48, 40), value: int = 0) -> Path:

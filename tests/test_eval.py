@@ -14,8 +14,7 @@ from PIL import Image
 import eval as ev
 from models.checkpoint import CheckpointError, load_backbone, save_official
 from models.vit import build_vit
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, process_env
 
 
 @pytest.fixture(scope="module")
@@ -282,11 +281,9 @@ def test_distributed_knn_equals_single_process(checkpoint, tmp_path):
 
     About 12 s on an idle 2-core CPU (two more interpreters start up), so it runs with the slow tests."""
     flags = ["knn", "--checkpoint", str(checkpoint), *KNN_FLAGS, "--procedural-train", "21", "--ks", "3"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO / "eval.py"), *flags, "--cache-dir", str(tmp_path / "distributed")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     single = ev.main([*flags, "--cache-dir", str(tmp_path / "single")])
     assert f"top-1 {100 * single['top1_k3']:6.2f}%" in result.stdout

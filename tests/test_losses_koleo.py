@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from losses.dino import DINOLoss
 from losses.koleo import DistributedKoLeoLoss, KoLeoLoss
+from tests.helpers import free_port
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -129,15 +129,9 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_distributed_koleo_and_center_match_single_process(tmp_path):
-    context = mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(_distributed_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + 180
     while not context.join(timeout=5):
         if time.monotonic() > deadline:

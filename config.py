@@ -22,7 +22,6 @@ from losses.gram import GramTokens, ResizeMode
 from models.vit import VIT_ARCHS, AttnImpl
 from schedules import Schedule, constant, sqrt_scaled_lr
 
-
 # The ViT-7B pretraining's global batch (16 per GPU x 256 GPUs), which the default learning rate is scaled for.
 VIT7B_GLOBAL_BATCH = 16 * 256
 

@@ -73,9 +73,11 @@ from config import (
     ModelConfig,
     OptimConfig,
     RunConfig,
-    TeacherConfig as EMATeacherConfig,
     group_problems,
     parse_cli,
+)
+from config import (
+    TeacherConfig as EMATeacherConfig,
 )
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
@@ -99,7 +101,8 @@ from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
 from monitor import pca_batch, start_run_folder
 from objective import SSLLosses, StudentOutputs, build_koleo, koleo_of_crops
-from optimizer import Schedules, apply_schedules, clip_per_module, param_groups, schedules_at as ssl_schedules_at
+from optimizer import Schedules, apply_schedules, clip_per_module, param_groups
+from optimizer import schedules_at as ssl_schedules_at
 from schedules import Schedule, constant, cosine_between
 from student_teacher import SSLNet, checkpoint_activations, multi_crop_tokens
 

@@ -19,6 +19,7 @@ from data.augment import IMAGENET_MEAN, IMAGENET_STD
 from data.dense_sets import IGNORE_INDEX
 from dense import boundary_map, forward_tokens
 
+
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """An ImageNet-normalized [3, H, W] tensor -> [H, W, 3] uint8."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

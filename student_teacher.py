@@ -13,8 +13,8 @@ from torch import nn
 import runtime
 from config import ModelConfig, RunConfig
 from models.heads import DINOHead
-from objective import StudentOutputs
 from models.vit import VisionTransformer, build_vit
+from objective import StudentOutputs
 
 
 def vit_overrides(cfg: ModelConfig) -> dict:

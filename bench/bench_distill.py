@@ -18,13 +18,14 @@ import torch
 
 import distill
 import runtime
-import train
 from bench.common import report, time_call
+from config import ModelConfig
 from data.augment import AugmentConfig, CropSizes
 from data.datasets import SampleImagesDataset, build_loader
+from student_teacher import SSLNet
 
 BATCH, GLOBAL_SIZE, LOCAL_SIZE, N_LOCAL = 16, 96, 48, 4
-TEACHER = train.ModelConfig(arch="vit_small", dino_prototypes=4096, dino_hidden=2048, dino_bottleneck=256,
+TEACHER = ModelConfig(arch="vit_small", dino_prototypes=4096, dino_hidden=2048, dino_bottleneck=256,
                             ibot_prototypes=4096, ibot_hidden=2048, ibot_bottleneck=256)
 
 
@@ -33,7 +34,7 @@ def test_adding_a_student_adds_only_its_training_cost(benchmark):
                                 "--run.device", "cpu"])
     dist_info = runtime.setup_distributed("cpu")
     torch.manual_seed(0)
-    teacher = distill.Teacher(train.SSLNet(TEACHER, drop_path_rate=0.0), "heads", TEACHER)
+    teacher = distill.Teacher(SSLNet(TEACHER, drop_path_rate=0.0), "heads", TEACHER)
     specs = distill.parse_students(cfg.students, world_size=1, global_batch=BATCH)
     vit, convnext = (distill.setup_student(spec, None, teacher, cfg, dist_info) for spec in specs)
     sizes = CropSizes(GLOBAL_SIZE, LOCAL_SIZE)

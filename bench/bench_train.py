@@ -81,7 +81,7 @@ def measure_train_step(
 
     seconds = measure(step)
     vit = student.backbone.cfg
-    n_masked = int(batch_data["n_masked"])
+    n_masked = len(batch_data["mask_indices"])
     student_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size) + vit_forward_flops(
         vit, 8 * batch, local_size, local_size)
     teacher_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size)

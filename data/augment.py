@@ -35,7 +35,7 @@ the same (seed, position) gives bit-identical crops.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch

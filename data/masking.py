@@ -15,7 +15,6 @@ first crop, then all images' second crop, ...):
     mask_indices        int64   [M]                 flat indices of the masked tokens in masks.flatten()
     mask_weights        float32 [M]                 1 / (masked tokens of that token's image): each masked
                                                     image weighs 1 in the iBOT loss, whatever its mask size
-    n_masked            int64   []                  M, this rank's count (the loss all-reduces it)
     labels, indices, positions  int64 [B]           dataset labels (-1 if none), dataset indices, stream positions
     n_skipped           int64   []                  unreadable images skipped while building this batch
 
@@ -167,7 +166,6 @@ class MaskingCollate:
         batch["masks"] = masks
         batch["mask_indices"] = masks.flatten().nonzero().flatten()
         batch["mask_weights"] = ibot_mask_weights(masks)
-        batch["n_masked"] = torch.tensor(len(batch["mask_indices"]), dtype=torch.int64)
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
         batch["indices"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
         batch["positions"] = positions

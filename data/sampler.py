@@ -11,19 +11,11 @@ augmentation from that position, so a sample's crops depend on where it sits in 
 worker or process produced it.
 
 Exact resume. A DataLoader runs ahead of the training loop (prefetching), so what the sampler has produced
-is not what training has consumed. The sampler therefore keeps `position`, the number of global stream
-positions *consumed*, which only the training loop moves. With a fixed batch size that is simply
-step * batch_size * world_size, which is what `build_loader(..., start_step=step)` (data/datasets.py) sets;
-a loop that wants the position itself in its checkpoints does:
+is not what training has consumed. The sampler therefore starts at `start`, a number of global stream positions
+*consumed*, which the training loop knows: with a fixed batch size it is step * batch_size * world_size, which is
+what `build_loader(..., start_step=step)` (data/datasets.py) sets, so a checkpoint needs only its step.
 
-    sampler = loader.sampler
-    sampler.load_state_dict(checkpoint["sampler"])   # on resume, before the loader iterator is created
-    for batch in loader:
-        ... train on batch ...
-        sampler.advance(batch_size_per_rank)        # every rank consumed one batch
-        checkpoint["sampler"] = sampler.state_dict()
-
-Iteration always starts at `position`, and positions are global, so a resumed run sees exactly the images
+Iteration always starts at that position, and positions are global, so a resumed run sees exactly the images
 (and the crops) it would have seen, whatever the number of DataLoader workers; with a different world size
 it still continues the same global stream.
 """
@@ -44,7 +36,7 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Yields (dataset index, global stream position) forever; see the module docstring for resuming."""
+    """Yields (dataset index, global stream position) forever, from global position `start` on."""
 
     def __init__(
         self,
@@ -72,11 +64,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
             raise ValueError(f"block must be >= 1, got {block}")
         self.block = block
 
-    def index_at(self, position: int) -> int:
-        """Dataset index at a global stream position (recomputes the epoch's permutation: for tests and tracing)."""
-        epoch, offset = divmod(position, self.size)
-        return int(epoch_permutation(self.size, self.seed, epoch)[offset]) if self.shuffle else offset
-
     def position_of(self, k: int) -> int:
         """Global stream position of this rank's k-th sample from `self.position` on."""
         block_index, within = divmod(k, self.block)
@@ -95,20 +82,3 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 if current_epoch != epoch:
                     epoch, order = current_epoch, epoch_permutation(self.size, self.seed, current_epoch)
                 yield int(order[offset]), position
-
-    def advance(self, samples_per_rank: int) -> None:
-        """Record that the training loop consumed `samples_per_rank` more samples on every rank."""
-        self.position += samples_per_rank * self.world_size
-
-    def state_dict(self) -> dict[str, int | bool]:
-        return {"position": self.position, "seed": self.seed, "size": self.size, "shuffle": self.shuffle}
-
-    def load_state_dict(self, state: dict[str, int | bool]) -> None:
-        """Continue from a saved position; the stream must be the same (seed, dataset size, shuffle)."""
-        saved = (state["seed"], state["size"], state["shuffle"])
-        if saved != (self.seed, self.size, self.shuffle):
-            raise ValueError(
-                f"sampler state is for (seed, size, shuffle)={saved}, this run has "
-                f"{(self.seed, self.size, self.shuffle)}: resume with the same dataset and seed"
-            )
-        self.position = int(state["position"])

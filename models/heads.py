@@ -4,7 +4,7 @@
                        -> L2 normalize -> last_layer (Linear, no bias) -> prototype scores [N, out_dim]
 
 The DINO head reads class tokens, the iBOT head reads the (masked) patch tokens; DINOv3 gives each its own
-head ("separate heads"), see `build_heads`. The prototype layer is a plain bias-free Linear: DINOv3 dropped
+head ("separate heads", train.py builds both). The prototype layer is a plain bias-free Linear: DINOv3 dropped
 the weight normalization DINOv1/v2 had there. Module names equal the released training checkpoints' keys:
 `mlp.0`, `mlp.2`, `mlp.4` (the GELUs are `mlp.1`, `mlp.3`) and `last_layer.weight`.
 
@@ -88,43 +88,4 @@ class DINOHead(nn.Module):
 
     def extra_repr(self) -> str:
         return "normalize_prototypes=True" if self.normalize_prototypes else ""
-
-
-def build_heads(
-    in_dim: int,
-    *,
-    dino_out_dim: int = 65536,
-    dino_hidden_dim: int = 2048,
-    dino_bottleneck_dim: int = 256,
-    ibot_out_dim: int | None = None,
-    ibot_hidden_dim: int | None = None,
-    ibot_bottleneck_dim: int | None = None,
-    nlayers: int = 3,
-    separate_ibot_head: bool = True,
-) -> tuple[DINOHead, DINOHead]:
-    """(dino_head, ibot_head) for one network (student or teacher).
-
-    DINOv3 uses separate heads (the default). An iBOT size left as None takes the DINO head's value.
-    With separate_ibot_head=False both names refer to the same module (DINOv1/iBOT-style sharing), in which
-    case no iBOT size may be given.
-    """
-    ibot_sizes = {"ibot_out_dim": ibot_out_dim, "ibot_hidden_dim": ibot_hidden_dim,
-                  "ibot_bottleneck_dim": ibot_bottleneck_dim}
-    dino_head = DINOHead(in_dim, dino_out_dim, dino_hidden_dim, dino_bottleneck_dim, nlayers)
-    if not separate_ibot_head:
-        given = [name for name, value in ibot_sizes.items() if value is not None]
-        if given:
-            raise ValueError(
-                f"build_heads: {', '.join(given)} given with separate_ibot_head=False; a shared head has the DINO "
-                "head's sizes, so drop the iBOT sizes or set separate_ibot_head=True"
-            )
-        return dino_head, dino_head
-    ibot_head = DINOHead(
-        in_dim,
-        dino_out_dim if ibot_out_dim is None else ibot_out_dim,
-        dino_hidden_dim if ibot_hidden_dim is None else ibot_hidden_dim,
-        dino_bottleneck_dim if ibot_bottleneck_dim is None else ibot_bottleneck_dim,
-        nlayers,
-    )
-    return dino_head, ibot_head
 

@@ -465,30 +465,3 @@ def build_vit(arch: str | ViTConfig = "vit_small", **overrides) -> VisionTransfo
         arch = VIT_ARCHS[arch]
     return VisionTransformer(replace(arch, **overrides))
 
-
-def vit_tiny(**overrides) -> VisionTransformer:
-    return build_vit("vit_tiny", **overrides)
-
-
-def vit_small(**overrides) -> VisionTransformer:
-    return build_vit("vit_small", **overrides)
-
-
-def vit_small_plus(**overrides) -> VisionTransformer:
-    return build_vit("vit_small_plus", **overrides)
-
-
-def vit_base(**overrides) -> VisionTransformer:
-    return build_vit("vit_base", **overrides)
-
-
-def vit_large(**overrides) -> VisionTransformer:
-    return build_vit("vit_large", **overrides)
-
-
-def vit_huge_plus(**overrides) -> VisionTransformer:
-    return build_vit("vit_huge_plus", **overrides)
-
-
-def vit_7b(**overrides) -> VisionTransformer:
-    return build_vit("vit_7b", **overrides)

@@ -12,9 +12,8 @@ from models.checkpoint import (
     read_checkpoint_file,
     save_official,
 )
-from models.vit import VIT_ARCHS, build_vit, vit_tiny
-
-transformers = pytest.importorskip("transformers", reason="transformers is the test-only parity peer")
+from models.vit import VIT_ARCHS, build_vit
+from tests.helpers import make_hf_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,7 +64,7 @@ def test_export_has_exactly_the_released_keys_and_shapes(arch, C, depth, D, F, s
 
 
 def test_bias_mask_masks_only_k():
-    mask = vit_tiny().state_dict()["blocks.0.attn.qkv.bias_mask"]
+    mask = build_vit("vit_tiny").state_dict()["blocks.0.attn.qkv.bias_mask"]
     C = 192
     assert torch.equal(mask, torch.cat([torch.ones(C), torch.zeros(C), torch.ones(C)]))
 
@@ -88,23 +87,6 @@ def test_preset_is_inferred_from_shapes(arch):
     with torch.device("meta"):
         state_dict = build_vit(arch).state_dict()
     assert infer_config(state_dict) == VIT_ARCHS[arch]
-
-
-def make_hf_model(gated: bool, seed: int):
-    config = transformers.DINOv3ViTConfig(
-        hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256 if gated else 384,
-        use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", num_register_tokens=4,
-        layerscale_value=1.0, rope_theta=100.0, patch_size=16, image_size=224,
-    )
-    torch.manual_seed(seed)
-    hf = transformers.DINOv3ViTModel(config).eval()
-    with torch.no_grad():  # random weights everywhere (HF initializes biases and the mask token to 0)
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return hf
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
@@ -132,13 +114,13 @@ def test_hf_conversion_rejects_unknown_keys():
 
 
 def test_wrong_model_size_lists_the_mismatch():
-    sd = export_official(vit_tiny())
+    sd = export_official(build_vit("vit_tiny"))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_backbone(sd, arch="vit_small")
 
 
 def test_missing_and_unexpected_keys_are_listed():
-    sd = export_official(vit_tiny())
+    sd = export_official(build_vit("vit_tiny"))
     del sd["blocks.1.ls1.gamma"]
     sd["blocks.1.surprise"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match=r"missing keys \(1\).*ls1.gamma.*unexpected keys \(1\).*surprise"):
@@ -147,7 +129,7 @@ def test_missing_and_unexpected_keys_are_listed():
 
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     good = tmp_path / "good.pth"
-    save_official(vit_tiny(), good)
+    save_official(build_vit("vit_tiny"), good)
     data = good.read_bytes()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
@@ -170,7 +152,7 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
 
 
 def test_wrapper_prefixes_are_stripped():
-    sd = {"module." + k: v for k, v in export_official(vit_tiny()).items()}
+    sd = {"module." + k: v for k, v in export_official(build_vit("vit_tiny")).items()}
     assert load_backbone(sd).cfg == VIT_ARCHS["vit_tiny"]
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from config import OFFICIAL_HRFT_PROBABILITIES, OFFICIAL_HRFT_SIZES
 from data.augment import (
     AugmentConfig,
     CropParams,
@@ -32,16 +33,9 @@ from data.augment import (
     solarize,
 )
 from data.datasets import bundled_photo_paths, open_image
-from train import OFFICIAL_HRFT_PROBABILITIES, OFFICIAL_HRFT_SIZES
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run like a DataLoader worker (one thread): tiny ops stall on OpenMP barriers when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Run like a DataLoader worker (one thread): tiny ops stall on OpenMP barriers when the cores are busy.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

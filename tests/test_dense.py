@@ -9,6 +9,7 @@ import torch
 import dense
 from data.dense_sets import IGNORE_INDEX
 from models.vit import build_vit
+from tests.helpers import blocky_masks
 
 
 def square(size: int = 10, top: int = 2, left: int = 2, side: int = 4) -> torch.Tensor:
@@ -102,12 +103,6 @@ def test_fit_ridge_solves_the_penalized_normal_equations():
                                   z.T @ (y.double() - y.double().mean(0)))
     assert torch.allclose(weight.double() * std[:, None], expected, atol=1e-5)
     assert torch.allclose(x @ weight + bias, (z @ expected + y.double().mean(0)).float(), atol=1e-4)
-
-
-def blocky_masks(n: int, grid: int, patch: int, n_classes: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, n_classes, (n, grid, grid), generator=generator)
-    return labels.repeat_interleave(patch, 1).repeat_interleave(patch, 2).to(torch.uint8)
 
 
 def test_ridge_probe_reads_classes_from_features_that_hold_them_and_not_from_noise():

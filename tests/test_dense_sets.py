@@ -1,8 +1,6 @@
 """data/dense_sets.py: generated scenes and videos, and the segmentation / DAVIS folder readers on small generated
 folders, broken files included (skipped and counted) and bad layouts (clear errors before any decoding)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,6 +17,7 @@ from data.dense_sets import (
     save_mask,
     segmentation_arrays,
 )
+from tests.helpers import write_davis_folder, write_segmentation_folder
 
 
 def test_generated_scenes_are_deterministic_and_labeled_per_pixel():
@@ -66,16 +65,6 @@ def test_generated_videos_move_and_keep_their_objects():
     assert max(hidden_fraction(generated_video(v, 8, 64)[1], i) for v in range(6) for i in (1, 2)) > 0.5
 
 
-def write_segmentation_folder(root: Path, n_train: int = 6, n_val: int = 3, size: int = 48) -> Path:
-    for split, first, n in (("train", 0, n_train), ("val", n_train, n_val)):
-        for index in range(first, first + n):
-            image, mask = generated_scene(index, size)
-            (root / split / "images").mkdir(parents=True, exist_ok=True)
-            image.save(root / split / "images" / f"scene{index:03d}.jpg")
-            save_mask(mask, root / split / "masks" / f"scene{index:03d}.png")
-    return root
-
-
 def test_segmentation_folder_reads_pairs_and_skips_a_broken_image(tmp_path):
     root = write_segmentation_folder(tmp_path / "DATA")
     (root / "train" / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -112,16 +101,6 @@ def test_generated_scene_sets_are_disjoint_slices():
     assert not np.array_equal(train.load(0)[1], val.load(0)[1])
     with pytest.raises(ValueError, match="n >= 1"):
         GeneratedScenes(0)
-
-
-def write_davis_folder(root: Path, n_videos: int = 2, n_frames: int = 5, size: int = 48) -> Path:
-    for index in range(n_videos):
-        frames, masks = generated_video(index, n_frames, size)
-        for t, (frame, mask) in enumerate(zip(frames, masks)):
-            (root / "JPEGImages" / "480p" / f"video{index}").mkdir(parents=True, exist_ok=True)
-            frame.save(root / "JPEGImages" / "480p" / f"video{index}" / f"{t:05d}.jpg", quality=95)
-            save_mask(mask, root / "Annotations" / "480p" / f"video{index}" / f"{t:05d}.png")
-    return root
 
 
 def test_davis_folder_reads_videos_and_skips_a_broken_frame(tmp_path):

@@ -1,22 +1,11 @@
 """--run.dense-every in train.py and distill.py: the dense metric (ridge-probe mIoU on generated scenes) reaches
 the summary, TensorBoard and the progress log; bench/dense_chain.py reads it back from the three demo phases."""
 
-from pathlib import Path
-
 import pytest
 
 import distill
 import train
-from tests.test_distill import DISTILL_FLAGS, teacher_files  # noqa: F401  (teacher_files is a fixture)
-from tests.test_train import procedural, tiny_config
-
-
-def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+from tests.helpers import DISTILL_FLAGS, procedural, tensorboard_scalars, tiny_config
 
 
 def test_train_logs_the_dense_metric_at_initialization_every_n_steps_and_at_the_end(tmp_path):

@@ -2,7 +2,6 @@
 multi-process runs (2 ranks, gloo) against one process with the same global batch."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,46 +12,20 @@ import torch
 
 import distill
 import runtime
-import train
 from data.augment import AugmentConfig, CropSizes
 from data.datasets import build_loader
-from models.checkpoint import load_backbone
+from models.checkpoint import CheckpointError, load_backbone
 from models.convnext import load_convnext
-from tests.test_train import REPO, procedural, tiny_config
-
-STUDENTS = "vit_tiny,convnext_test"
-# Crops of 64/32 px (ConvNeXt needs >= 32), PyTorch references for Sinkhorn-Knopp and attention, no extra phases.
-DISTILL_FLAGS = [
-    "--teacher.kernel-impl", "reference", "--teacher.attn-impl", "sdpa", "--student.attn-impl", "sdpa",
-    "--student.feature-head-hidden", "64", "--data.global-size", "64", "--data.local-size", "32",
-    "--augment.n-local-crops", "2", "--data.num-workers", "0", "--optim.lr.warmup-iterations", "2",
-    "--optim.freeze-last-layer-iterations", "1", "--phases.cooldown-iterations", "0",
-    "--phases.high-res-iterations", "0", "--run.device", "cpu", "--run.log-every", "1000",
-]
-
-
-@pytest.fixture(scope="module")
-def teacher_files(tmp_path_factory) -> dict[str, Path]:
-    """A tiny train.py teacher (vit_tiny, 1 step) and its released-format backbone.
-
-    LayerScale 1.0 makes the random teacher's tokens depend on the image (at 1e-5 every class token is the same,
-    and Sinkhorn-Knopp turns identical rows into uniform targets); its prototype layers are scaled x30 so its
-    assignments are as confident as a trained teacher's: the students then have something to learn in 16 steps.
-    """
-    folder = tmp_path_factory.mktemp("teacher")
-    cfg = tiny_config(folder, "--optim.iterations", "1", "--data.batch-size", "4", "--model.layerscale-init", "1.0")
-    train.train(cfg, procedural())
-    payload = torch.load(folder / "checkpoint_00000001.pth", weights_only=True)
-    for key in ("dino_head.last_layer.weight", "ibot_head.last_layer.weight"):
-        payload["teacher"][key] *= 30.0
-    torch.save(payload, folder / "teacher.pth")
-    return {"heads": folder / "teacher.pth", "backbone": folder / "teacher_backbone.pth"}
-
-
-def distill_config(out: Path, teacher: Path, *flags: str) -> distill.DistillConfig:
-    return distill.parse_config(["demo", *DISTILL_FLAGS, "--teacher.checkpoint", str(teacher),
-                                 "--run.output-dir", str(out), *flags])
-
+from tests.helpers import (
+    DISTILL_FLAGS,
+    REPO,
+    STUDENTS,
+    distill_config,
+    make_hf_model,
+    procedural,
+    process_env,
+    tensorboard_scalars,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Layouts and validation (no training)
@@ -151,8 +124,13 @@ def test_two_students_learn_from_the_teacher_and_export_loadable_backbones(tmp_p
         folder = tmp_path / name
         assert [s for s, _ in runtime.list_checkpoints(folder)] == [8, 16]
         assert (folder / "pca_features.png").is_file()
-    assert json.loads((tmp_path / "summary.json").read_text())["students"]["vit_tiny"]["history"] == \
-        summary["students"]["vit_tiny"]["history"]
+    # summary.json holds the per-step totals TensorBoard logged as the run went (stored there as float32).
+    written = json.loads((tmp_path / "summary.json").read_text())
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    for name in ("vit_tiny", "convnext_test"):
+        logged = scalars[f"loss/{name}/total"]
+        assert [step for step, _ in logged] == list(range(1, steps + 1))
+        assert written["students"][name]["history"] == pytest.approx([value for _, value in logged], rel=1e-6)
 
     checkpoint = torch.load(tmp_path / "vit_tiny" / "checkpoint_00000016.pth", weights_only=True)
     vit = load_backbone(tmp_path / "vit_tiny" / "backbone.pth", attn_impl="sdpa").eval()
@@ -203,8 +181,6 @@ def test_feature_objective_from_a_released_backbone_and_from_hugging_face_weight
 
     from safetensors.torch import save_file
 
-    from tests.test_checkpoint import make_hf_model
-
     hf_folder = tmp_path / "hf_model"
     hf_folder.mkdir()
     save_file(make_hf_model(gated=False, seed=0).state_dict(), str(hf_folder / "model.safetensors"))
@@ -212,7 +188,7 @@ def test_feature_objective_from_a_released_backbone_and_from_hugging_face_weight
                          "--data.batch-size", "2")
     summary = distill.distill(cfg, procedural())
     assert summary["objective"] == "features" and summary["teacher_images_per_rank"] == [2]
-    with pytest.raises(Exception, match="holds no DINO/iBOT heads"):
+    with pytest.raises(CheckpointError, match="holds no DINO/iBOT heads"):
         distill.load_teacher(distill.TeacherConfig(checkpoint=str(teacher_files["backbone"]), objective="heads"))
 
 
@@ -222,11 +198,9 @@ def test_feature_objective_from_a_released_backbone_and_from_hugging_face_weight
 
 
 def _run_distill_torchrun(nproc: int, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / "distill.py"), "demo", *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 

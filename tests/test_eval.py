@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as ev
-import probes
-import figures
 import dense
+import eval as ev
+import figures
+import probes
 from models.checkpoint import CheckpointError, load_backbone, save_official
 from models.vit import build_vit
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, process_env
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +110,37 @@ KNN_FLAGS = ["--data", "procedural", "--procedural-train", "40", "--procedural-v
              "4", "--size", "32", "--num-workers", "0", "--device", "cpu", "--batch-size", "32"]
 
 
-def test_knn_and_linear_cli_on_procedural_data_cache_their_features(checkpoint, tmp_path, monkeypatch):
+def knn_top1_float64(train_x, train_y, test_x, test_y, k: int, temperature: float = 0.07) -> float:
+    """Cosine k-NN with exp(similarity / T) votes, written out in float64: top-1 accuracy."""
+    train_x = train_x.double() / train_x.double().norm(dim=1, keepdim=True)
+    test_x = test_x.double() / test_x.double().norm(dim=1, keepdim=True)
+    similarity, index = (test_x @ train_x.T).topk(k, dim=1)
+    votes = torch.zeros(len(test_x), int(train_y.max()) + 1, dtype=torch.float64)
+    votes.scatter_add_(1, train_y[index], (similarity / temperature).exp())
+    return (votes.argmax(dim=1) == test_y).double().mean().item()
+
+
+def test_knn_and_linear_cli_on_procedural_data_cache_their_features(checkpoint, tiny_backbone, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = ev.main(["knn", "--checkpoint", str(checkpoint), *KNN_FLAGS, "--ks", "5", "10",
                      "--cache-dir", str(cache)])
     assert set(first) == {"top1_k5", "top5_k5", "top1_k10", "top5_k10"}
-    assert all(0.0 <= v <= 1.0 for v in first.values()) and first["top5_k5"] == 1.0  # 4 classes: top-5 is all
     assert len(list(cache.glob("features_*.pt"))) == 2  # train and val
+    # What the CLI cached are the class tokens of the backbone on the procedural images (40 train, 20 val, with
+    # their labels), and its accuracies are those of a float64 k-NN on them.
+    train_split, val_split = probes.procedural_splits(40, 20, 32, 4, seed=0)
+    key = ev.checkpoint_fingerprint(checkpoint)
+    cached = [torch.load(ev.feature_cache_file(cache, key, split, 32, 1.0), weights_only=True)
+              for split in (train_split, val_split)]
+    for split, features in zip((train_split, val_split), cached):
+        images, labels = zip(*(split.images[i] for i in split.indices))
+        with torch.no_grad():
+            cls = tiny_backbone(torch.stack([ev.eval_pixels(image, 32) for image in images]))["x_norm_clstoken"]
+        torch.testing.assert_close(features["cls"], cls, rtol=1e-4, atol=1e-4)
+        assert features["labels"].tolist() == list(labels)
+    train, val = cached
+    for k in (5, 10):
+        assert first[f"top1_k{k}"] == knn_top1_float64(train["cls"], train["labels"], val["cls"], val["labels"], k)
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone was loaded although the features are cached")
@@ -127,7 +150,14 @@ def test_knn_and_linear_cli_on_procedural_data_cache_their_features(checkpoint, 
     assert again == first
     probe = ev.main(["linear", "--checkpoint", str(checkpoint), *KNN_FLAGS, "--epochs", "3",
                      "--cache-dir", str(cache)])
-    assert 0.0 <= probe["val_top1"] <= 1.0 and len(probe["grid"]) == 18
+    # The CLI's probe is linear_probe (tested above) on the cached class + mean patch tokens, with its settings.
+    defaults = ev.LinearArgs()
+    expected = probes.linear_probe(
+        torch.cat([train["cls"], train["patch_mean"]], dim=1), train["labels"],
+        torch.cat([val["cls"], val["patch_mean"]], dim=1), val["labels"], n_classes=4, lrs=defaults.lrs,
+        weight_decays=defaults.weight_decays, epochs=3, batch_size=defaults.probe_batch_size,
+        holdout_fraction=defaults.holdout_fraction, seed=defaults.seed)
+    assert probe == expected and len(probe["grid"]) == 18
 
 
 def test_cache_key_follows_checkpoint_data_and_resolution(checkpoint, tmp_path, tiny_backbone):
@@ -145,8 +175,12 @@ def test_cache_key_follows_checkpoint_data_and_resolution(checkpoint, tmp_path, 
     assert stamp != probes.checkpoint_fingerprint(copy) and key != stamp
     weights = tiny_backbone.state_dict()
     changed = {**weights, "cls_token": weights["cls_token"] + 1}
-    assert probes.checkpoint_fingerprint(weights) == probes.checkpoint_fingerprint(dict(weights))
+    # A state dict is identified by its contents: copies of the tensors, in another key order, give the same key.
+    copied = {name: value.clone() for name, value in reversed(list(weights.items()))}
+    assert probes.checkpoint_fingerprint(weights) == probes.checkpoint_fingerprint(copied)
     assert probes.checkpoint_fingerprint(weights) != probes.checkpoint_fingerprint(changed)
+    widened = {**weights, "cls_token": weights["cls_token"].double()}  # the same values in another dtype
+    assert probes.checkpoint_fingerprint(weights) != probes.checkpoint_fingerprint(widened)
 
 
 def test_every_checkpoint_format_loads(tiny_backbone, checkpoint, tmp_path):
@@ -284,11 +318,9 @@ def test_distributed_knn_equals_single_process(checkpoint, tmp_path):
 
     About 12 s on an idle 2-core CPU (two more interpreters start up), so it runs with the slow tests."""
     flags = ["knn", "--checkpoint", str(checkpoint), *KNN_FLAGS, "--procedural-train", "21", "--ks", "3"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO / "eval.py"), *flags, "--cache-dir", str(tmp_path / "distributed")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     single = ev.main([*flags, "--cache-dir", str(tmp_path / "single")])
     assert f"top-1 {100 * single['top1_k3']:6.2f}%" in result.stdout

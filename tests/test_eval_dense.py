@@ -15,8 +15,7 @@ from data.dense_sets import generated_video, save_mask
 from dense import predict_masks, region_iou, upsample_labels
 from models.checkpoint import save_official
 from models.vit import LayerScale, build_vit
-from tests.test_dense import blocky_masks
-from tests.test_dense_sets import write_davis_folder, write_segmentation_folder
+from tests.helpers import blocky_masks, write_davis_folder, write_segmentation_folder
 
 CPU = ["--device", "cpu", "--batch-size", "8"]
 

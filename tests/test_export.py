@@ -24,8 +24,7 @@ from models.checkpoint import (
 )
 from models.convnext import build_convnext
 from models.vit import build_vit
-from tests.test_distill import distill_config
-from tests.test_train import REPO, procedural, tiny_config
+from tests.helpers import REPO, distill_config, procedural, tiny_config
 
 onnx = pytest.importorskip("onnx", reason="export tests need requirements-export.txt (included by requirements-dev)")
 ort = pytest.importorskip("onnxruntime", reason="export tests need requirements-export.txt")

@@ -95,10 +95,10 @@ def test_wide_attention_on_gpu(dtype):
 
 def test_vit_triton_attention_matches_sdpa_on_gpu():
     """vit_small under bf16 autocast on 224 px images: Triton attention against PyTorch SDPA."""
-    from models.vit import vit_small
+    from models.vit import build_vit
 
     torch.manual_seed(0)
-    model = vit_small(attn_impl="sdpa").cuda().train()
+    model = build_vit("vit_small", attn_impl="sdpa").cuda().train()
     images = torch.randn(2, 3, 224, 224, device="cuda", generator=_generator(1))
     results = {}
     for impl in ("sdpa", "triton"):

@@ -11,13 +11,14 @@ from PIL import Image
 
 import kernels.gram
 import train
+from config import LossConfig
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_loader
 from losses.dino import DINOLoss
 from losses.gram import GramAnchoringLoss, resample_patch_grid
 from models.checkpoint import CheckpointError, save_official
 from schedules import Schedule
-from tests.test_train import procedural, tiny_config
+from tests.helpers import procedural, tensorboard_scalars, tiny_config
 
 GRAM_FLAGS = ["--gram.enabled", "--data.gram-teacher-size", "64", "--data.batch-size", "4"]
 
@@ -78,7 +79,7 @@ def test_teacher_patch_map_is_resampled_to_the_student_grid():
 
 
 def test_gram_weight_is_zero_before_its_start_and_dino_local_weight_follows_its_schedule():
-    cfg = train.TrainConfig(loss=train.LossConfig(dino_local_weight=Schedule(peak=1.0, end=0.5)),
+    cfg = train.TrainConfig(loss=LossConfig(dino_local_weight=Schedule(peak=1.0, end=0.5)),
                             gram=train.GramConfig(enabled=True, start_iteration=10))
     cfg.optim.iterations = 101
     begin, before, start, end = (train.schedules_at(s, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
@@ -260,11 +261,8 @@ def test_refinement_and_high_resolution_run_is_stable_through_the_fused_kernel(t
     assert len(grams) == 6 and all(math.isfinite(g) and g >= 0 for g in grams)
     assert all(math.isfinite(v) for values in summary["term_history"].values() for v in values)
     assert calls["tiled_loss_sum_triton"] >= 6 and calls["gram_loss_reference"] == 0
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "hrft" / "tensorboard"))
-    events.Reload()
-    assert len(events.Scalars("loss/gram")) == 6 and len(events.Scalars("schedule/gram_weight")) == 6
+    scalars = tensorboard_scalars(tmp_path / "hrft" / "tensorboard")
+    assert len(scalars["loss/gram"]) == 6 and len(scalars["schedule/gram_weight"]) == 6
 
 
 def test_resume_in_the_middle_of_refinement_continues_identically(tmp_path):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.masking import ibot_mask_weights
 from kernels.sinkhorn import sinkhorn_knopp_reference
 from losses.dino import DINOLoss
-from data.masking import ibot_mask_weights
 from losses.ibot import IBOTLoss
-from models.heads import DINOHead, build_heads
+from models.heads import DINOHead
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -87,19 +87,6 @@ def test_head_other_depths_and_bad_input():
         DINOHead(8, 10, 16, 4)(torch.randn(3, 9))
     with pytest.raises(ValueError, match="out_dim"):
         DINOHead(8, 0)
-
-
-def test_build_heads_separate_by_default_or_shared():
-    dino_head, ibot_head = build_heads(16, dino_out_dim=40, dino_hidden_dim=32, dino_bottleneck_dim=8,
-                                       ibot_out_dim=24, ibot_bottleneck_dim=6)
-    assert dino_head is not ibot_head
-    assert tuple(dino_head.last_layer.weight.shape) == (40, 8)
-    assert tuple(ibot_head.last_layer.weight.shape) == (24, 6)
-    assert ibot_head.mlp[0].out_features == 32  # hidden size not given: the DINO head's
-    shared_dino, shared_ibot = build_heads(16, dino_out_dim=40, separate_ibot_head=False)
-    assert shared_dino is shared_ibot
-    with pytest.raises(ValueError, match="ibot_out_dim"):
-        build_heads(16, ibot_out_dim=24, separate_ibot_head=False)
 
 
 # ------------------------------------------------------------------------------------------------------------

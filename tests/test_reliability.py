@@ -30,7 +30,7 @@ import train
 from data.augment import AugmentConfig, CropSizes
 from data.datasets import ImageFolderDataset, build_loader
 from models.checkpoint import CheckpointError, load_backbone, read_checkpoint_file
-from tests.test_train import REPO, TINY_FLAGS, procedural, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, NaNGradient, procedural, process_env, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -66,18 +66,6 @@ def _wrap_forward_losses(monkeypatch, on_call):
 def _poison(terms: dict) -> dict:
     """The same terms with a NaN total that still backpropagates (as a real overflow would)."""
     return {**terms, "total": terms["total"] * float("nan")}
-
-
-class _NaNGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradients are not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 def _tensors(payload: dict, parts=("student", "teacher")) -> dict[str, torch.Tensor]:
@@ -204,7 +192,7 @@ def test_nonfinite_gradient_of_a_finite_loss_never_reaches_the_weights(tmp_path,
     """An overflow in backward (finite loss, NaN gradients) at step 3 stops the run before the optimizer step:
     checkpoint 2 is the last, and it is finite; skipping instead keeps the weights finite to the end."""
     def nan_gradient(index, batch, terms):
-        return {**terms, "total": _NaNGradient.apply(terms["total"])} if index == 2 else None
+        return {**terms, "total": NaNGradient.apply(terms["total"])} if index == 2 else None
 
     _wrap_forward_losses(monkeypatch, nan_gradient)
     cfg = tiny_config(tmp_path / "stop", "--optim.iterations", "4", "--data.batch-size", "4",
@@ -433,19 +421,13 @@ KILL_FLAGS = ["--optim.iterations", str(KILL_STEPS), "--data.batch-size", "4", "
               "--run.checkpoint-every", "1", "--run.deterministic", "--run.log-every", "1"]
 
 
-def _process_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"  # the same float summation order in every run
-    return env
-
-
 def _train_command(out: Path, *flags: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "demo", *TINY_FLAGS, "--run.output-dir", str(out), *flags]
 
 
 def _start(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
     with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the run
-        return subprocess.Popen(command, cwd=REPO, env=_process_env(), stdout=out, stderr=subprocess.STDOUT, **kwargs)
+        return subprocess.Popen(command, cwd=REPO, env=process_env(), stdout=out, stderr=subprocess.STDOUT, **kwargs)
 
 
 def _run_to_completion(command: list[str], log: Path) -> None:

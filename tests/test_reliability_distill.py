@@ -14,18 +14,16 @@ import pytest
 import torch
 
 import distill
+import objective
 import runtime
-import train
 from models.checkpoint import read_checkpoint_file
-from tests.test_distill import DISTILL_FLAGS, STUDENTS, distill_config, teacher_files
-from tests.test_reliability import _NaNGradient, _process_env
-from tests.test_train import REPO, procedural
+from tests.helpers import DISTILL_FLAGS, REPO, STUDENTS, NaNGradient, distill_config, procedural, process_env
 
 
 def _wrap_student_losses(monkeypatch, on_call) -> None:
-    """Calls on_call(index, terms) after each student loss (train.SSLLosses, the "heads" objective; index counts
+    """Calls on_call(index, terms) after each student loss (objective.SSLLosses, the "heads" objective; index counts
     the calls of this run: one per student per step); on_call may return replacement terms."""
-    real = train.SSLLosses.forward
+    real = objective.SSLLosses.forward
     calls = []
 
     def forward(self, *args, **kwargs):
@@ -34,7 +32,7 @@ def _wrap_student_losses(monkeypatch, on_call) -> None:
         replaced = on_call(len(calls) - 1, terms)
         return terms if replaced is None else replaced
 
-    monkeypatch.setattr(train.SSLLosses, "forward", forward)
+    monkeypatch.setattr(objective.SSLLosses, "forward", forward)
 
 
 def _finite(payload: dict) -> bool:
@@ -68,7 +66,7 @@ def test_nonfinite_loss_stops_naming_student_and_step_or_is_skipped_and_counted(
 
 def test_nonfinite_gradient_of_a_finite_loss_never_reaches_the_student(tmp_path, monkeypatch,
                                                                        teacher_files):
-    _wrap_student_losses(monkeypatch, lambda i, terms: {**terms, "total": _NaNGradient.apply(terms["total"])}
+    _wrap_student_losses(monkeypatch, lambda i, terms: {**terms, "total": NaNGradient.apply(terms["total"])}
                          if i == 1 else None)
     flags = ["--students", "vit_tiny", "--optim.iterations", "3", "--data.batch-size", "2",
              "--run.checkpoint-every", "1"]
@@ -130,7 +128,7 @@ def _torchrun(out: Path, data: Path, teacher: Path, *flags: str) -> list[str]:
 
 def _start(command: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen(command, cwd=REPO, env=_process_env(), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=process_env(), stdout=out, stderr=subprocess.STDOUT)
 
 
 def _common_step(out: Path) -> int:

@@ -132,14 +132,30 @@ def test_gradcheck_float64(n_prefix, jitter, prerotate):
     assert torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True, atol=1e-7, rtol=1e-5)
 
 
-def test_auto_uses_the_reference_on_cpu_without_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_auto_runs_the_kernel_under_the_interpreter_and_the_reference_on_cpu_without_it(monkeypatch):
+    """Which path "auto" takes on CPU tensors, observed by recording the calls of both."""
+    import kernels.rope_attention as module
+
+    calls = []
+    reference, kernel = module.rope_attention_reference, module.RopeAttentionFunction.apply
+    monkeypatch.setattr(module, "rope_attention_reference",
+                        lambda *args, **kwargs: calls.append("reference") or reference(*args, **kwargs))
+    monkeypatch.setattr(module.RopeAttentionFunction, "apply", lambda *args: calls.append("triton") or kernel(*args))
     coords, periods = make_rope(3, 4, 32, jitter=True, seed=5)
     q, k, v = make_qkv(1, 13, 2, 32, torch.float32, seed=5).unbind(2)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = rope_attention(q, k, v, coords, periods, 1)
-    assert torch.equal(out, rope_attention_reference(q, k, v, coords, periods, 1))
-    with pytest.raises(RuntimeError, match="impl='triton' was forced"):
+    assert calls == ["triton"]
+    assert torch.equal(out, rope_attention(q, k, v, coords, periods, 1, impl="triton"))
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls.clear()
+    rope_attention(q, k, v, coords, periods, 1)
+    assert calls == ["reference"]
+    with pytest.raises(RuntimeError, match="impl='triton' was forced but the tensors are on cpu"):
         rope_attention(q, k, v, coords, periods, 1, impl="triton")
+    assert calls == ["reference"]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -165,10 +181,10 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("train", [False, True])
 def test_vit_triton_attention_matches_sdpa(train):
     """vit_tiny (3 heads of 64, 5 prefix tokens) on a 64x80 image: same outputs and gradients either way."""
-    from models.vit import vit_tiny
+    from models.vit import build_vit
 
     torch.manual_seed(0)
-    model = vit_tiny(attn_impl="sdpa").train(train)
+    model = build_vit("vit_tiny", attn_impl="sdpa").train(train)
     images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
     results = {}
     for impl in ("sdpa", "triton"):

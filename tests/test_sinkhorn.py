@@ -9,18 +9,17 @@ and in-kernel merges of several splits in several steps.
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from bench.bench_sinkhorn import official_sinkhorn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.bench_sinkhorn import official_sinkhorn
 from kernels import sinkhorn
 from kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
+from tests.helpers import free_port
 
 IMPLS = ["reference", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -283,12 +282,6 @@ def _two_rank_worker(rank: int, port: int, out_path: str) -> None:
         torch.save(results, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,26 +12,7 @@ import torch
 import train
 from data.datasets import ImageFolderDataset, ProceduralDataset
 from probes import knn_eval, load_eval_images
-
-REPO = Path(__file__).resolve().parent.parent
-
-# The kernels' Triton paths have their own interpreter tests; training tests run the PyTorch references.
-TINY_FLAGS = [
-    "--model.arch", "vit_tiny", "--model.dino-prototypes", "256", "--model.dino-hidden", "128",
-    "--model.dino-bottleneck", "64", "--model.ibot-prototypes", "256", "--model.ibot-hidden", "128",
-    "--model.ibot-bottleneck", "64", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
-    "--data.global-size", "32", "--data.local-size", "16", "--augment.n-local-crops", "2",
-    "--data.num-workers", "0", "--optim.lr.warmup-iterations", "2", "--optim.freeze-last-layer-iterations", "1",
-    "--teacher.temp.warmup-iterations", "4", "--run.device", "cpu", "--run.log-every", "1000", "--run.knn-every", "0",
-]
-
-
-def tiny_config(tmp_path: Path, *flags: str) -> train.TrainConfig:
-    return train.parse_config(["demo", *TINY_FLAGS, "--run.output-dir", str(tmp_path), *flags])
-
-
-def procedural(n: int = 64, size: int = 48) -> ProceduralDataset:
-    return ProceduralDataset(n=n, size=size, n_classes=4, seed=0)
+from tests.helpers import REPO, TINY_FLAGS, procedural, process_env, tiny_config
 
 
 def test_one_step_runs_every_loss_and_all_are_finite(tmp_path):
@@ -194,13 +174,11 @@ def test_learning_signal_knn_beats_initialization(tmp_path):
 
 
 def _run_torchrun(nproc: int, out: Path, *flags: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / "train.py"), "demo", *TINY_FLAGS, "--run.output-dir", str(out), *flags]
     if nproc == 1:
         command = [sys.executable, str(REPO / "train.py"), "demo", *TINY_FLAGS, "--run.output-dir", str(out), *flags]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.vit import VIT_ARCHS, build_vit, vit_tiny
+from models.vit import VIT_ARCHS, build_vit
 
 RELEASED_PARAMS = {
     "vit_small": 21_601_152,
@@ -39,14 +39,14 @@ def test_shapes_of_every_preset_on_the_meta_device(arch):
 
 
 def test_224px_image_gives_201_tokens():
-    model = vit_tiny().eval()
+    model = build_vit("vit_tiny").eval()
     out = model(torch.randn(1, 3, 224, 224))
     assert out["x_prenorm"].shape[1] == 201
     assert out["x_norm_patchtokens"].shape[1] == 196
 
 
 def test_sides_not_multiple_of_the_patch_are_cropped():
-    model = vit_tiny().eval()
+    model = build_vit("vit_tiny").eval()
     x = torch.randn(1, 3, 70, 100)
     out = model(x)
     ref = model(x[..., :64, :96].contiguous())
@@ -56,7 +56,7 @@ def test_sides_not_multiple_of_the_patch_are_cropped():
 
 def test_list_of_crops_equals_separate_forwards():
     torch.manual_seed(0)
-    model = vit_tiny(layerscale_init=1.0).eval()
+    model = build_vit("vit_tiny", layerscale_init=1.0).eval()
     glob, loc = torch.randn(2, 3, 64, 64), torch.randn(4, 3, 32, 48)
     masks = torch.rand(2, 16) < 0.3
     together = model([glob, loc], [masks, None])
@@ -67,7 +67,7 @@ def test_list_of_crops_equals_separate_forwards():
 
 
 def test_masks_replace_patch_tokens_by_the_mask_token():
-    model = vit_tiny().eval()
+    model = build_vit("vit_tiny").eval()
     with torch.no_grad():
         model.mask_token.normal_()
     x = torch.randn(2, 3, 48, 64)
@@ -85,15 +85,15 @@ def test_masks_replace_patch_tokens_by_the_mask_token():
 
 
 def test_mask_token_gets_a_gradient_even_without_masks():
-    model = vit_tiny()
+    model = build_vit("vit_tiny")
     model(torch.randn(1, 3, 32, 32))["x_norm_clstoken"].sum().backward()
     assert model.mask_token.grad is not None
 
 
 def test_drop_path_is_off_in_eval_and_active_in_training():
     torch.manual_seed(0)
-    plain = vit_tiny(layerscale_init=1.0).eval()
-    dropped = vit_tiny(layerscale_init=1.0, drop_path_rate=0.5)
+    plain = build_vit("vit_tiny", layerscale_init=1.0).eval()
+    dropped = build_vit("vit_tiny", layerscale_init=1.0, drop_path_rate=0.5)
     dropped.load_state_dict(plain.state_dict())
     x = torch.randn(4, 3, 32, 32)
     dropped.eval()
@@ -105,7 +105,7 @@ def test_drop_path_is_off_in_eval_and_active_in_training():
 
 
 def test_untied_local_class_norm_applies_only_to_training_local_crops():
-    model = vit_tiny(untie_global_and_local_cls_norm=True, rope_rescale=None)
+    model = build_vit("vit_tiny", untie_global_and_local_cls_norm=True, rope_rescale=None)
     with torch.no_grad():
         model.local_cls_norm.weight.fill_(3.0)
     glob, loc = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
@@ -118,7 +118,7 @@ def test_untied_local_class_norm_applies_only_to_training_local_crops():
 
 
 def test_get_intermediate_layers_matches_forward_and_reshapes():
-    model = vit_tiny(layerscale_init=1.0).eval()
+    model = build_vit("vit_tiny", layerscale_init=1.0).eval()
     x = torch.randn(2, 3, 48, 80)
     out = model(x)
     layers = model.get_intermediate_layers(x, n=2, return_class_token=True, return_extra_tokens=True)
@@ -146,25 +146,25 @@ def test_get_intermediate_layers_matches_forward_and_reshapes():
 )
 def test_bad_inputs_raise_clear_errors(x, message):
     with pytest.raises(ValueError, match=message):
-        vit_tiny()(x)
+        build_vit("vit_tiny")(x)
 
 
 def test_unknown_preset_and_attention_backend_are_rejected():
     with pytest.raises(ValueError, match="unknown ViT preset"):
         build_vit("vit_gigantic")
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        vit_tiny().set_attn_impl("flash9")
+        build_vit("vit_tiny").set_attn_impl("flash9")
 
 
 def test_xformers_backend_explains_why_it_cannot_run_on_cpu():
-    model = vit_tiny(attn_impl="xformers")
+    model = build_vit("vit_tiny", attn_impl="xformers")
     with pytest.raises(RuntimeError, match="no CPU kernels"):
         model(torch.randn(1, 3, 32, 32))
 
 
 def test_bf16_forward_backward_runs_and_stays_close():
     torch.manual_seed(0)
-    model = vit_tiny(layerscale_init=1.0).eval()
+    model = build_vit("vit_tiny", layerscale_init=1.0).eval()
     x = torch.randn(2, 3, 48, 48)
     ref = model(x)["x_norm_clstoken"]
     with torch.autocast("cpu", dtype=torch.bfloat16):

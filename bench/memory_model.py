@@ -502,7 +502,7 @@ def report(cfg: train.TrainConfig, preset: str, gpus: int, gpu_memory_gb: float,
                      f"{per[True] / GIB:.3f} GiB with checkpointing, {per[False] / GIB:.3f} GiB without.")
     lines += [
         "",
-        f"Largest batch per GPU that fits {gpu_memory_gb:g} GB less a {reserve_gb:g} GB reserve "
+        f"Largest batch per GPU that fits {gpu_memory_gb:g} GB less a reserve of {reserve_gb:g} GB "
         f"({budget / GIB:.1f} GiB): {_fits(fits[True])} with activation checkpointing, {_fits(fits[False])} without "
         f"(the preset: {cfg.data.batch_size}, checkpointing {'on' if cfg.run.activation_checkpointing else 'off'}).",
         "",

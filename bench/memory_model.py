@@ -550,12 +550,8 @@ def measure_cpu(cfg: train.TrainConfig, steps: int = 2) -> dict:
 
     runtime.seed_everything(cfg.run.seed)
     dist_info = runtime.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    student, teacher = train.build_student_teacher(cfg)
-    gram_teacher = train.build_gram_teacher(cfg)
-    losses = train.SSLLosses(cfg)
-    model = train.wrap_for_parallel(student, teacher, cfg.run, dist_info, gram_teacher)
-    optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=0.0,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2))
+    state = train.build_state(cfg, dist_info)
+    student, teacher, gram_teacher, optimizer = state.student, state.teacher, state.gram_teacher, state.optimizer
     dataset = ProceduralDataset(n=64, size=max(cfg.data.global_size, 64), n_classes=4, seed=0)
     patch = student.backbone.patch_size
     loader = build_loader(dataset, dataclasses.replace(cfg.augment, patch_size=patch), train.crop_size_schedule(cfg),
@@ -569,12 +565,11 @@ def measure_cpu(cfg: train.TrainConfig, steps: int = 2) -> dict:
     measured: dict = {}
     for step in range(steps):
         batch = next(data)
-        sched = train.schedules_at(step, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
-        train.apply_schedules(optimizer, sched)
-        train._seed_step(student, cfg.run.seed, step, 0)
+        state.step = step
+        sched = train.prepare_step(state, cfg, rank=0)
         last = step == steps - 1
         if not last:
-            terms = train.forward_losses(model, teacher, losses, batch, sched, False, gram_teacher)
+            terms = train.forward_losses(state, batch, sched, False)
         else:
             saved: dict[int, int] = {}
 
@@ -587,11 +582,11 @@ def measure_cpu(cfg: train.TrainConfig, steps: int = 2) -> dict:
             gc.collect()
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    terms = train.forward_losses(model, teacher, losses, batch, sched, False, gram_teacher)
+                    terms = train.forward_losses(state, batch, sched, False)
             measured["saved_bytes"] = sum(saved.values())
             measured["held_bytes"] = sum(e.self_cpu_memory_usage for e in prof.events())
-            measured["n_masked"] = int(batch["n_masked"])
-        train.backward_and_update(terms["total"], student, teacher, optimizer, sched, cfg.optim.clip_grad)
+            measured["n_masked"] = len(batch["mask_indices"])
+        train.backward_and_update(state, terms["total"], sched, cfg.optim.clip_grad)
         if last:  # after the update: this step's gradients are still there (zero_grad runs before a backward)
             def nbytes(tensors):
                 return sum(t.numel() * t.element_size() for t in tensors)

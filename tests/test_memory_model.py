@@ -128,10 +128,11 @@ def test_fsdp_shards_and_gathered_roots(fake_world):
     dist_info = fake_world(world)
     cfg = mm.check_config("--run.parallel", "fsdp")
     runtime.seed_everything(0)
-    student, teacher = train.build_student_teacher(cfg)
-    losses = train.SSLLosses(cfg)
+    student, teacher = train.build_student_teacher(cfg.model)
+    losses = train.SSLLosses(cfg.model, cfg.loss, cfg.gram)
     model = train.wrap_for_parallel(student, teacher, cfg.run, dist_info)
     optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-3)
+    state = train.TrainState(student, teacher, None, model, optimizer, losses)
     predicted = mm.predict(cfg, gpus=world, precision=mm.FP32_CPU).static
     assert _local_bytes(student.parameters()) == predicted["student parameters (fp32)"]
     assert _local_bytes(teacher.parameters()) == predicted["EMA teacher (fp32)"]
@@ -144,7 +145,7 @@ def test_fsdp_shards_and_gathered_roots(fake_world):
     batch = next(iter(loader))
     sched = train.schedules_at(0, cfg.optim, cfg.teacher, cfg.loss, cfg.gram)
     train.apply_schedules(optimizer, sched)
-    terms = train.forward_losses(model, teacher, losses, batch, sched, False)
+    terms = train.forward_losses(state, batch, sched, False)
     # The roots stay gathered after their forward; the blocks are resharded after theirs.
     assert _gathered(teacher.dino_head) and _gathered(teacher.ibot_head)
     assert _gathered(student.dino_head) and _gathered(student.ibot_head)
@@ -169,7 +170,7 @@ def test_7b_shards_over_256_ranks(fake_world):
     dist_info = fake_world(gpus)
     cfg = train.PRESETS["gram-anchor"][1]
     with torch.device("meta"):
-        student, teacher = train.build_student_teacher(cfg)
+        student, teacher = train.build_student_teacher(cfg.model)
         gram_teacher = train.build_gram_teacher(cfg)
     train.wrap_for_parallel(student, teacher, dataclasses.replace(cfg.run, activation_checkpointing=False), dist_info,
                             gram_teacher)

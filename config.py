@@ -35,7 +35,7 @@ class ModelConfig:
     layerscale_init: float | None = None  # None: the architecture's own (models/vit.py)
     # RoPE box jitter drawn per block and crop group (the official ViT) or once per forward; None: the arch's.
     rope_jitter_per: Literal["block", "forward"] | None = None
-    attn_impl: AttnImpl = "auto"
+    attn_impl: AttnImpl = "auto"  # the attention kernel's auto/triton/reference, or sdpa / xformers (README.md)
     dino_prototypes: int = 65536
     dino_hidden: int = 2048
     dino_bottleneck: int = 256
@@ -44,7 +44,8 @@ class ModelConfig:
     ibot_bottleneck: int = 256
     # Prototype scores as cosine similarities (unit-norm prototypes, DINOv1/v2) instead of DINOv3's raw Linear.
     normalize_prototypes: bool = False
-    kernel_impl: KernelImpl = "auto"  # Sinkhorn (and Gram) kernels: Triton on CUDA, PyTorch reference on CPU
+    # Sinkhorn and Gram kernels (README.md, "Kernel dispatch"); "reference" materializes the Gram matrices.
+    kernel_impl: KernelImpl = "auto"
 
 
 @dataclass

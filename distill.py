@@ -127,7 +127,7 @@ class TeacherConfig:
     objective: Literal["auto", "heads", "features"] = "auto"  # auto: heads when the checkpoint has them
     arch: str | None = None  # backbone-only files: ViT preset (None: inferred from the shapes)
     attn_impl: AttnImpl = "auto"
-    kernel_impl: KernelImpl = "auto"  # Sinkhorn-Knopp: Triton on CUDA, PyTorch reference on CPU
+    kernel_impl: KernelImpl = "auto"  # Sinkhorn-Knopp (README.md, "Kernel dispatch")
     # Temperature of the teacher's targets (the frozen teacher has no momentum).
     temp: Schedule = field(default_factory=lambda: EMATeacherConfig().temp)
 

@@ -6,7 +6,7 @@ Roofline (fp32, student gradient included; MAC = multiply-add, 2 flops):
 - materializing: S = ŜŜᵀ and G = ĜĜᵀ, then dS·Ŝ and dSᵀ·Ŝ in the backward: 4·B·P²·d MACs. Memory: S, G, S - G
   and the backward's dS are B·P² floats each (256 MiB at B=4, P=4096; measured peak 830 MiB at d=384), and about
   ten elementwise passes over such arrays (~3 GB of traffic at P=4096).
-- ours, d-space (no remove_neg and P > d; `path="auto"` picks it): UᵀU, VᵀV, UᵀV (d x d) and two [P, d]·[d, d]
+- ours, d-space (no remove_neg and P > d; `algorithm="auto"` picks it): UᵀU, VᵀV, UᵀV (d x d) and two [P, d]·[d, d]
   products: 5·B·P·d² MACs, i.e. 4P / (5d) times fewer than materializing (8.5x at P=4096, d=384; 3.2x at
   d=1024). Memory O(B·P·d): U, V and the gradient, ~4·B·P·d floats (measured 100 MiB at P=4096, d=384) plus a
   2 MiB float64 chunk while forming U and V. Both are bound by matmul throughput on the CPU, so the time ratio
@@ -63,7 +63,7 @@ def _step(fn, student: torch.Tensor, teacher: torch.Tensor, remove_neg: bool):
     return run
 
 
-def _auto_path(P: int, d: int, remove_neg: bool) -> str:
+def _auto_algorithm(P: int, d: int, remove_neg: bool) -> str:
     return "dspace" if (not remove_neg and P > d) else "tiled"
 
 
@@ -96,7 +96,7 @@ def _cpu_case(benchmark, P: int, d: int, remove_neg: bool) -> None:
         for fn in ("gram_loss", "gram_loss_reference")
     }
     figures = dict(
-        path=_auto_path(P, d, remove_neg),
+        algorithm=_auto_algorithm(P, d, remove_neg),
         ours_ms=ours_s * 1e3,
         materializing_ms=materializing_s * 1e3,
         speedup=materializing_s / ours_s,
@@ -149,7 +149,7 @@ def test_gram_loss_gpu(benchmark, P, d, remove_neg):
     materializing_s = time_call(_step(gram_loss_reference, student, teacher, remove_neg), repeats=5, device="cuda")
     report(
         f"gram_loss cuda fwd+bwd B={B} P={P} d={d} remove_neg={remove_neg}",
-        path=_auto_path(P, d, remove_neg),
+        algorithm=_auto_algorithm(P, d, remove_neg),
         ours_ms=ours_s * 1e3,
         materializing_ms=materializing_s * 1e3,
         speedup=materializing_s / ours_s,

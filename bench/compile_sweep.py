@@ -67,9 +67,9 @@ def compile_cases(arch: int, all_configs: bool, group: str, dtype_name: str, var
             remove_neg = variant == "remove_neg"
             student = torch.randn(2, 70, 48, dtype=dtype, requires_grad=True)
             teacher = torch.randn(2, 70, 48, dtype=dtype)
-            gram_loss(student, teacher, remove_neg=remove_neg, impl="triton", path="tiled").backward()
+            gram_loss(student, teacher, remove_neg=remove_neg, impl="triton", algorithm="tiled").backward()
             with torch.no_grad():
-                gram_loss(student, teacher, remove_neg=remove_neg, impl="triton", path="tiled")
+                gram_loss(student, teacher, remove_neg=remove_neg, impl="triton", algorithm="tiled")
         for v in variants:
             v.meta["case"] = f"{group} {variant}".strip()
             v.meta["dtype"] = dtype_name

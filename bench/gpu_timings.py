@@ -229,19 +229,19 @@ def sinkhorn_section(timer: Timer, dry_run: bool, bandwidth_gbps: float, quick: 
 
 
 def gram_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
-    from kernels.gram import gram_loss, gram_loss_reference
+    from kernels.gram import gram_loss
 
     device = timer.device
     batch = 4 if not dry_run else 2
     sizes = [(P, d) for P in (1024, 4096) for d in (384, 1024, 4096)] if not dry_run else [(70, 24), (40, 48)]
     if quick:
         sizes = [(4096, 384), (4096, 1024)]
-    triton_impl = "triton" if device == "cuda" else "reference"
+    triton_impl = "triton" if device == "cuda" else "auto"  # the dry run: PyTorch slabs in the Triton row
     variants = [  # (name, function of (student, teacher, remove_neg))
-        ("ours-auto", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl=triton_impl)),
-        ("tiled-triton", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl=triton_impl, path="tiled")),
-        ("tiled-torch", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl="reference", path="tiled")),
-        ("materializing", lambda s, t, rn: gram_loss_reference(s, t, remove_neg=rn)),
+        ("ours-auto", lambda s, t, rn: gram_loss(s, t, remove_neg=rn)),
+        ("tiled-triton", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl=triton_impl, algorithm="tiled")),
+        ("tiled-torch", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, algorithm="tiled")),
+        ("materializing", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl="reference")),
     ]
     rows = []
     for P, d in sizes:

@@ -6,8 +6,9 @@ Gram-teacher features (P x d):
     L = mean over images and over all P² entries of (ŜŜᵀ - ĜĜᵀ)²
 
 `remove_neg` sets the negative entries of both Gram matrices to 0 before the difference; `img_level=False`
-computes one Gram matrix over all B·P tokens. Only the student gets a gradient. The materializing version is
-`gram_loss_reference` (the specification); `gram_loss` computes the same value with O(B·P·d) extra memory.
+computes one Gram matrix over all B·P tokens. Only the student gets a gradient. `gram_loss_reference` is the
+specification (both Gram matrices in full, O(B·P²) memory); `gram_loss` computes the same value with O(B·P·d)
+extra memory, or runs the specification itself with impl="reference".
 
 Numerics: work on the sum and the difference of the features. With U = Ŝ + Ĝ and V = Ŝ - Ĝ,
 
@@ -16,48 +17,47 @@ Numerics: work on the sum and the difference of the features. With U = Ŝ + Ĝ a
 so every entry of D is computed directly, not as the difference of two nearly equal Gram entries. U and V are
 formed in float64 and rounded once to float32, so V is accurate relative to itself even when the student is
 close to the teacher. The loss is ill-conditioned in Ŝ exactly there (d(loss)/d(feature) / loss grows like 1/ε
-for student = teacher + ε·noise), so computing Ŝ and Ĝ in float32 first, as the official code does, loses
-~u/ε: measured on the CPU at B=2, P=1029, d=384, ε = 1e-3, the float32 materializing formula's gradient is off by
-2e-4 relative to float64, the textbook identity ‖ŜᵀŜ‖² - 2‖ŜᵀĜ‖² + ‖ĜᵀĜ‖² by 1e-2 in the loss and 4e-4 in the
-gradient, while both paths here stay at ~1e-8 (loss) and ~3e-7 (gradient) for every ε.
+for student = teacher + ε·noise), so computing Ŝ and Ĝ in float32 first, as the official code does, loses ~u/ε
+in the gradient, and the textbook identity ‖ŜᵀŜ‖² - 2‖ŜᵀĜ‖² + ‖ĜᵀĜ‖² loses it in the loss too; the algorithms
+below keep float32 accuracy for every ε (figures in docs/kernels.md).
 
-Two algorithms (`path`), each with a Triton and a PyTorch implementation where it needs one:
+Two algorithms (`algorithm`), exact rewritings of the specification that differ only in rounding:
 
 - "tiled": D computed tile by tile, two float32 dots per tile (V_iU_jᵀ + U_iV_jᵀ; with remove_neg a third,
   (U-V)_i(U-V)_jᵀ = 4·Ĝ_iĜ_jᵀ, for the clamp), O(P²·d) work, never more than a tile or slab of D at once. The
   gradient is dL/dŜ_i = (4 / (B·P²)) · Σ_j W_ij Ŝ_j, W = D (with remove_neg: S⁺ - G⁺ where the student entry is
   kept, 0 where it was clamped). D and W are symmetric, so the loss alone needs only the tiles on and right of
-  the diagonal, the others counting twice.
-  Triton: one program per (row block, output column block, image). Without a gradient it visits its row's tiles
-  from the diagonal on; with one, all of them, accumulating its gradient tile in registers (no atomics) and
+  the diagonal, the others counting twice. It has two implementations:
+  Triton tiles: one program per (row block, output column block, image). Without a gradient it visits its row's
+  tiles from the diagonal on; with one, all of them, accumulating its gradient tile in registers (no atomics) and
   recomputing the Gram tiles once per output column block (ceil(d / BLOCK_DO) times: autotuning weighs that
   against registers). The loss is a deterministic sum of per-row partials. float32 dots run as tf32x3 (three
   TF32 passes, ~float32 accuracy) on NVIDIA GPUs.
-  PyTorch: [B, rows, P - r0] slabs of all images at once, right of the diagonal only, also for the gradient,
-  which takes each off-diagonal slab twice (W·Ŝ for its rows, Wᵀ·Ŝ for its columns): 2·P²·d MACs with the
-  gradient (3 with remove_neg). rows = min(d, 2^21 / (B·P)), at least 16: a slab is at most B·P·d floats or 8 MiB.
+  PyTorch slabs: [B, rows, P - r0] slabs of all images at once, right of the diagonal only, also for the
+  gradient, which takes each off-diagonal slab twice (W·Ŝ for its rows, Wᵀ·Ŝ for its columns): 2·P²·d MACs with
+  the gradient (3 with remove_neg). A slab holds at most B·P·d floats or _SLAB_ENTRIES (but 16 rows at least).
 - "dspace" (no remove_neg): the d x d identity ‖D‖²_F = (⟨UᵀU, VᵀV⟩ + tr((UᵀV)²)) / 2 and
   4·D·Ŝ = V(UᵀU + UᵀV) + U(VᵀU + VᵀV), O(P·d²) work in five plain matmuls (BLAS / cuBLAS; no Triton kernel).
 
 Accuracy guard of "dspace": its loss adds t₁ = ⟨UᵀU, VᵀV⟩ ≥ 0 to t₂ = tr(N²), N = UᵀV, which may be negative; they
 cancel when the student's Gram matrix matches the teacher's much more closely than its features do (features
 rotated in d-space, G = ŜQQᵀŜᵀ). The rounding error is then about u·(|t₁| + |t₂|) (u the unit roundoff of the
-current float32 matmul precision), while the tiled path squares each entry's small difference and stays exact
-to ~u per entry. Rule: `auto` keeps the d-space result only if u·Σ_images(|t₁| + |t₂|) / |Σ(t₁ + t₂)| ≤ 1e-4,
-else it recomputes with the tiled path. The estimate overstates the actual error (measured 0.01-0.25x of it on
-rotated features, P = 513 to 4096, d = 64 and 384), so accepted results are within ~2.5e-5. The gradient's terms
-cancel only like the square root of the loss's, so at the threshold its error measured ~1e-5; where the gradient
-itself is ill-conditioned the tiled one is only 2-4x more accurate (both ~u/δ for rotation + δ-noise), so it has
-no rule of its own. With TF32 matmuls enabled u = 2^-11 and the rule sends nearly everything to the tiles.
+current float32 matmul precision), while the tiled algorithm squares each entry's small difference and stays
+exact to ~u per entry. Rule: algorithm="auto" keeps the d-space result only if the estimate
+u·Σ_images(|t₁| + |t₂|) / |Σ(t₁ + t₂)| is at most DSPACE_MAX_REL_ERROR, else it recomputes with the tiled
+algorithm. The estimate is an upper bound in practice (docs/kernels.md). The gradient's terms cancel only like
+the square root of the loss's, and where the gradient itself is ill-conditioned (rotation + noise) both
+algorithms lose ~u/noise, so the gradient has no rule of its own. With TF32 matmuls enabled u = 2^-11 and the
+rule sends nearly everything to the tiles.
 
-`path="auto"` picks "dspace" when remove_neg is off, P > d (its O(P·d²) beats O(P²·d)) and the guard trusts it;
-"tiled" otherwise. The gradient is computed in the forward pass when the student requires grad (the loss is a
+algorithm="auto" picks "dspace" when remove_neg is off, P > d (its O(P·d²) beats O(P²·d)) and the guard trusts
+it; "tiled" otherwise. The gradient is computed in the forward pass when the student requires grad (the loss is a
 scalar, so backward only scales it): one pass over the tiles serves both.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +75,13 @@ from kernels.common import (
 )
 
 OP = "gram_loss"
-GramPath = Literal["auto", "tiled", "dspace"]
+GramAlgorithm = Literal["auto", "tiled", "dspace"]
 
 NORM_EPS = 1e-12  # F.normalize's default: norms are clamped to it before dividing
 DSPACE_MAX_REL_ERROR = 1e-4  # the guard's bound on the d-space loss's estimated relative rounding error
 # Elements per float64 chunk when forming U and V: cache-sized on the CPU, few large launches on a GPU.
 _FLOAT64_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
-_SLAB_ENTRIES = 1 << 21  # floats per slab of the PyTorch tiled path (8 MiB)
+_SLAB_ENTRIES = 1 << 21  # floats per slab of the PyTorch slabs (8 MiB)
 _INTERPRETER_BLOCKS = {"BLOCK_P": 64, "BLOCK_K": 32, "BLOCK_DO": 32}
 
 
@@ -116,11 +116,11 @@ def gram_loss_reference(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared by every path: checks, the sum/difference features, the way back through the normalization
+# Shared by both algorithms: checks, the sum/difference features, the way back through the normalization
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(student, teacher, remove_neg: bool, path: str) -> None:
+def _check_inputs(student, teacher, remove_neg: bool, impl: str, algorithm: str) -> None:
     for name, x in (("student", student), ("teacher", teacher)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -135,11 +135,14 @@ def _check_inputs(student, teacher, remove_neg: bool, path: str) -> None:
         raise ValueError(f"{OP}: empty features {tuple(student.shape)}; B, P and d must all be at least 1")
     if student.device != teacher.device:
         raise ValueError(f"{OP}: student is on {student.device} but teacher on {teacher.device}; move one of them")
-    if path not in ("auto", "tiled", "dspace"):
-        raise ValueError(f"{OP}: path must be 'auto', 'tiled' or 'dspace', got {path!r}")
-    if path == "dspace" and remove_neg:
-        raise ValueError(f"{OP}: path='dspace' has no form with remove_neg=True (clamping is entrywise); "
-                         "use path='tiled' or 'auto'")
+    if algorithm not in get_args(GramAlgorithm):
+        raise ValueError(f"{OP}: algorithm must be 'auto', 'tiled' or 'dspace', got {algorithm!r}")
+    if algorithm == "dspace" and remove_neg:
+        raise ValueError(f"{OP}: algorithm='dspace' has no form with remove_neg=True (clamping is entrywise); "
+                         "use algorithm='tiled' or 'auto'")
+    if impl == "reference" and algorithm != "auto":
+        raise ValueError(f"{OP}: impl='reference' runs gram_loss_reference, which has no algorithm choice, but "
+                         f"algorithm={algorithm!r} was given; pick the algorithm with impl='auto' or 'triton'")
 
 
 def sum_and_difference(
@@ -416,17 +419,17 @@ def tiled_loss_sum_triton(
 
 class _GramLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, normalize: bool, remove_neg: bool, want_grad: bool, triton_path: bool,
-                path: str):
+    def forward(ctx, student, teacher, normalize: bool, remove_neg: bool, want_grad: bool, triton_tiles: bool,
+                algorithm: str):
         B, P, d = student.shape
         u, v, s_norms = sum_and_difference(student, teacher, normalize)
         loss_sum, grad_hat = None, None
-        if path == "dspace" or (path == "auto" and not remove_neg and P > d):
+        if algorithm == "dspace" or (algorithm == "auto" and not remove_neg and P > d):
             loss_sum, grad_hat, rel_error = dspace_loss_sum(u, v, want_grad)
-            if path == "auto" and rel_error > DSPACE_MAX_REL_ERROR:
+            if algorithm == "auto" and rel_error > DSPACE_MAX_REL_ERROR:
                 loss_sum, grad_hat = None, None
         if loss_sum is None:
-            tiled = tiled_loss_sum_triton if triton_path else tiled_loss_sum_torch
+            tiled = tiled_loss_sum_triton if triton_tiles else tiled_loss_sum_torch
             loss_sum, grad_hat = tiled(u, v, remove_neg, want_grad)
         entries = B * P * P
         ctx.student_dtype = student.dtype
@@ -448,7 +451,7 @@ def gram_loss(
     remove_neg: bool = False,
     img_level: bool = True,
     impl: KernelImpl = "auto",
-    path: GramPath = "auto",
+    algorithm: GramAlgorithm = "auto",
 ) -> torch.Tensor:
     """DINOv3's Gram anchoring loss of student [B, P, d] against teacher [B, P, d]: a 0-d float32 tensor.
 
@@ -456,18 +459,22 @@ def gram_loss(
     to the student only (returned in its dtype; it may be a non-contiguous view); the teacher is detached.
     normalize: L2-normalize every patch feature first (F.normalize semantics, eps 1e-12).
     remove_neg: zero the negative entries of both Gram matrices. img_level=False: one Gram over all B·P tokens.
-    impl: "auto" runs the Triton tiles under TRITON_INTERPRET=1 and PyTorch otherwise (on GPUs too: faster there);
-    "triton" forces the Triton tiles.
-    path: "auto" takes the d-space identity when remove_neg is off, P > d and its accuracy guard trusts the
-    result, the tiled algorithm otherwise (module docstring); "tiled" / "dspace" force one (no guard).
+    impl: "reference" runs `gram_loss_reference` (O(B·P²) memory; autograd gives its gradient). "triton" runs
+    the tiled algorithm as the Triton tiles. "auto" never materializes: it runs the tiled algorithm as the Triton
+    tiles under TRITON_INTERPRET=1 and as the PyTorch slabs otherwise, on GPUs too.
+    algorithm (impl "auto" or "triton"): "auto" takes the d-space identity when remove_neg is off, P > d and its
+    accuracy guard trusts the result, the tiled algorithm otherwise; "tiled" / "dspace" force one (no guard).
+    The d-space identity is plain matmuls under either impl.
     """
-    _check_inputs(student, teacher, remove_neg, path)
-    # On a GPU "auto" runs the tiled algorithm as PyTorch slabs (cuBLAS): on an H200 they were 1.8x (d = 384) to
-    # 10.6x (d = 1024) faster than the Triton tiles at P = 4096, with the same memory (docs/gpu_results.md). The
-    # Triton kernel runs when forced and under the interpreter.
-    triton_path = use_triton(student, impl, OP) and (impl == "triton" or not student.is_cuda)
+    _check_inputs(student, teacher, remove_neg, impl, algorithm)
+    runs_triton = use_triton(student, impl, OP)
+    if impl == "reference":
+        return gram_loss_reference(student, teacher, normalize, remove_neg, img_level).to(torch.float32)
+    # On a GPU "auto" keeps the tiled algorithm in PyTorch: there the cuBLAS slabs beat the Triton tiles at the same
+    # memory (docs/kernels.md).
+    triton_tiles = runs_triton and (impl == "triton" or not student.is_cuda)
     if not img_level:
         student = student.flatten(0, 1).unsqueeze(0)
         teacher = teacher.flatten(0, 1).unsqueeze(0)
     want_grad = student.requires_grad and torch.is_grad_enabled()
-    return _GramLoss.apply(student, teacher.detach(), normalize, remove_neg, want_grad, triton_path, path)
+    return _GramLoss.apply(student, teacher.detach(), normalize, remove_neg, want_grad, triton_tiles, algorithm)

@@ -54,24 +54,38 @@ from kernels.common import (
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 
-# Where the RoPE rotation happens on the Triton path (module docstring, "RoPE: two placements"). Measured on an
-# H200 (docs/gpu_results.md, bf16, D = 64, forward + backward): the prologue is 1.29x faster at N = 261, 1.59x at
-# 1029 and 1.71x at 4101, and 1.52x slower at N = 54 (112 px local crops), where its extra pass over q and k
-# outweighs the saved sines and cosines. rope_mode=None picks by sequence length at this threshold.
+# Where the RoPE rotation happens on the Triton path (module docstring, "RoPE: two placements"). The prologue wins
+# on long sequences and loses on short ones (local crops), where its extra pass over q and k outweighs the saved
+# sines and cosines; rope_mode=None picks by sequence length at this threshold (measurements: docs/kernels.md).
 RopeMode = Literal["inline", "prerotate"]
 PREROTATE_MIN_TOKENS = 128
 
-# fp32 (and fp64) inputs on a GPU: the Triton kernels run tf32x3 dots there, and the first GPU run of them (H200,
-# Triton 3.6, 2026-11-26) ended in an illegal memory access in the forward's autotuning. Until a GPU session finds
-# the faulty tile, "auto" sends 32- and 64-bit attention on CUDA to the PyTorch path (RoPE in torch + SDPA, which
-# has fp32 kernels) and a forced impl="triton" refuses it. The interpreter tests and the compile checks still
-# cover these tiles (tests/test_compile.py).
+# fp32 (and fp64) inputs on a GPU: the Triton kernels run tf32x3 dots there, and their first GPU run ended in an
+# illegal memory access in the forward's autotuning (docs/kernels.md). Until a GPU session finds the faulty tile,
+# "auto" runs 32- and 64-bit attention on CUDA as the reference (the ViT's attn_impl="auto" as SDPA, which has fp32
+# kernels) and a forced impl="triton" refuses it. The interpreter tests and the compile checks still cover these
+# tiles (tests/test_compile.py).
 FP32_TRITON_ON_GPU = False
 
 
 def runs_on_gpu(dtype: torch.dtype) -> bool:
     """Whether the Triton kernel takes CUDA inputs of this dtype (FP32_TRITON_ON_GPU)."""
     return dtype in (torch.float16, torch.bfloat16) or FP32_TRITON_ON_GPU
+
+
+def uses_triton(q: torch.Tensor, impl: KernelImpl) -> bool:
+    """`rope_attention`'s dispatch for inputs like q: kernels.common's rule, except that CUDA inputs of a dtype
+    the kernel does not take there (`runs_on_gpu`) run the reference under "auto" and raise under "triton"."""
+    runs = use_triton(q, impl, "rope_attention")
+    if runs and q.is_cuda and not runs_on_gpu(q.dtype):
+        if impl == "triton":
+            raise RuntimeError(
+                f"rope_attention: the Triton kernel is disabled for {q.dtype} on GPUs (its first GPU run hit an "
+                "illegal memory access; see FP32_TRITON_ON_GPU in kernels/rope_attention.py); use bf16/fp16 inputs "
+                "(autocast) or impl='reference'"
+            )
+        return False
+    return runs
 
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -628,13 +642,12 @@ def _attn_bwd_dq_kernel(
 # Candidate (outer block, inner block, num_warps) per operand width and head dim, for each kernel. "Outer" is the
 # block a program owns (queries for the forward and dq, keys for dk/dv), "inner" the block its loop walks.
 # Autotune times num_stages 2/3 of the shapes whose shared memory fits the GPU, per (N bucket, D, dtype, RoPE).
-# 16-bit: shapes that compile without register spills for sm_90 in both RoPE placements (bench/compile_sweep.py,
-# Triton 3.8); larger tiles spill, above all at D = 128 where the accumulators alone take half the register file.
+# 16-bit: shapes that compile without register spills for sm_90 in both RoPE placements (bench/compile_sweep.py);
+# larger tiles spill, above all at D = 128 where the accumulators alone take half the register file.
 # 32-bit: fp32 inputs ask for fp32 accuracy, so the dots run as tf32x3 (each operand split into a high and a low
 # TF32 half, three MMAs per product): about twice the registers and shared memory of a 16-bit tile. These are the
-# shapes with the fewest spills on sm_90 and sm_80 (compile sweep): the forward spills nothing at D <= 64 and
-# 272-648 bytes per thread at D = 128; the backward 0.3-0.8 KB at D = 64 and 1.8-3.3 KB at D = 128 (local memory,
-# L1/L2-cached). What that costs in time is in docs/gpu_results.md (fp32 rows).
+# shapes with the fewest spills on sm_90 and sm_80 (compile sweep; the spills per shape in docs/kernels.md; local
+# memory, L1/L2-cached).
 _FWD_SHAPES = {
     ("16-bit", 32): [(64, 64, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)],
     ("16-bit", 64): [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)],
@@ -872,10 +885,10 @@ def rope_attention(
     coords: [N - n_prefix, 2] float32 (row, col) of the patch tokens, already box-jittered; periods: [D/4].
     coords=None (with periods=None) means plain attention. The first n_prefix tokens are not rotated.
     scale defaults to 1/sqrt(D). Returns a contiguous [B, N, H, D] tensor in q's dtype.
-    impl: "auto" runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1) and the reference otherwise.
+    impl: "auto", "triton" or "reference" (`rope_attention_reference`), the kernel dispatch of README.md; see
+    `uses_triton` for fp32/fp64 on CUDA.
     rope_mode (Triton only): "inline" computes the angles in the attention loops, "prerotate" rotates q and k once
     in a prologue kernel; None picks "prerotate" from PREROTATE_MIN_TOKENS tokens on, "inline" below.
-    fp32/fp64 on CUDA: see FP32_TRITON_ON_GPU ("auto" runs the reference there).
     """
     _check_inputs(q, k, v, coords, periods, n_prefix)
     if rope_mode is None:
@@ -885,14 +898,7 @@ def rope_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"rope_attention: scale must be a finite number, got {scale}")
-    wide_on_gpu = q.is_cuda and not runs_on_gpu(q.dtype)
-    if wide_on_gpu and impl == "triton":
-        raise RuntimeError(
-            f"rope_attention: the Triton kernel is disabled for {q.dtype} on GPUs (its first GPU run hit an illegal "
-            "memory access; see FP32_TRITON_ON_GPU in kernels/rope_attention.py); use bf16/fp16 inputs (autocast) "
-            "or impl='reference'"
-        )
-    if wide_on_gpu or not use_triton(q, impl, "rope_attention"):
+    if not uses_triton(q, impl):
         return rope_attention_reference(q, k, v, coords, periods, n_prefix, scale)
     _check_triton_inputs(q)
     return RopeAttentionFunction.apply(q, k, v, coords, periods, n_prefix, scale, rope_mode == "prerotate")

@@ -25,9 +25,10 @@ In the code the prototype vector kept is w = K * c (one reciprocal per prototype
 sample-side factors, and Q = (B_global / K) * diag(u) @ F @ diag(w). K and B_global cancel in Q -- they only set
 the scale of intermediate vectors -- and are kept so that u is the official algorithm's per-sample factor.
 
-Accuracy: ~1e-7 relative to float64 for teacher-like logits. fp32 rounds logits - M to 6e-8 of its size, so
-fp32 logits whose samples lie S temperatures apart agree to ~6e-8 * S (1e-4 at S = 3000); bf16 and fp16 logits
-have few enough mantissa bits that the subtraction is exact in fp32 over any realistic range.
+Accuracy: near float32 rounding for teacher-like logits (figures in docs/kernels.md). The one input-dependent
+loss is the shift: fp32 rounds logits - M to u = 6e-8 of its size, so fp32 logits whose samples lie S
+temperatures apart agree to ~u * S; bf16 and fp16 logits have few enough mantissa bits that the subtraction is
+exact in fp32 over any realistic range.
 
 Two implementations of that one algorithm:
 - `sinkhorn_knopp_reference`: PyTorch, vectorized. It materializes F once, in the output buffer, and runs the
@@ -39,10 +40,10 @@ Two implementations of that one algorithm:
   whose reduction axis is split over several programs (small batches: the row sums; small K: the column sums)
   merges the partials in the kernel: the last program of each tile to finish (an integer ticket) adds them in
   split order, so the result has the same bits every call. Between passes only the K-vectors' all-reduce runs
-  (with a process group). Without one, a batch of at most 128 rows takes one fused kernel per iteration (a
-  program holds every row of its columns, so it finishes their sums and goes on to the rows' partial sums over
-  them): n_iter + 1 launches instead of 2 * n_iter + 1, which is what bounds such small problems. Either way a
-  call runs no other GPU work than a memset (the tickets) and no host sync.
+  (with a process group). Without one, a batch of at most _SMALL_BATCH_ROWS rows takes one fused kernel per
+  iteration (a program holds every row of its columns, so it finishes their sums and goes on to the rows'
+  partial sums over them): n_iter + 1 launches instead of 2 * n_iter + 1, which is what bounds such small
+  problems. Either way a call runs no other GPU work than a memset (the tickets) and no host sync.
 
 Teacher-side only: runs under no_grad and returns a new float32 tensor with no autograd history.
 """
@@ -59,7 +60,7 @@ import triton.language as tl
 
 from kernels.common import KernelImpl, interpreting, launch, new_buffer, reduction_group, use_triton
 
-SINKHORN_ITERATIONS = 3  # DINOv3's recipe
+SINKHORN_ITERATIONS = 3  # DINOv3's recipe; train.py's loss.sinkhorn_iterations defaults to it
 
 OP = "sinkhorn_knopp"
 
@@ -82,7 +83,7 @@ def _check_inputs(logits: torch.Tensor, temperature: float, n_iter: int, n_valid
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"{OP}: temperature must be a finite number > 0, got {temperature}")
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"{OP}: n_iter must be an int >= 1 (the official recipe uses 3), got {n_iter!r}")
+        raise ValueError(f"{OP}: n_iter must be an int >= 1 (the recipe uses {SINKHORN_ITERATIONS}), got {n_iter!r}")
     n_rows = logits.shape[0]
     if n_valid is None:
         return temperature, n_rows
@@ -128,8 +129,9 @@ _MATVEC_CHUNK = 1024
 def _weighted_sums(matrix: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
     """sum over `dim` of matrix * weights (weights along `dim`), as fp32 matrix-vector products on chunks.
 
-    BLAS adds each product's terms in a few sequential accumulators: over K = 65536 prototypes that loses
-    ~1e-5 of relative accuracy; chunks of 1024 keep it near 1e-7 (the products are a small part of the time).
+    BLAS adds each product's terms in a few sequential accumulators, so one product over all K prototypes
+    loses accuracy growing with K; chunks of _MATVEC_CHUNK bound that (the products are a small part of the
+    time; figures in docs/kernels.md).
     """
     total = None
     for start in range(0, matrix.shape[dim], _MATVEC_CHUNK):
@@ -150,10 +152,17 @@ def sinkhorn_knopp_reference(
     n_valid: int | torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """Scaling-vector Sinkhorn-Knopp in PyTorch: materializes F once, in the output buffer."""
+    """Scaling-vector Sinkhorn-Knopp in PyTorch: materializes F once, in the output buffer (arguments as
+    `sinkhorn_knopp`'s)."""
     temperature, n_valid = _check_inputs(logits, temperature, n_iter, n_valid)
     group = reduction_group(group, OP)
     b_global = _global_count(n_valid, group, logits.device)
+    return _sinkhorn_reference(logits, temperature, n_iter, n_valid, group, b_global)
+
+
+def _sinkhorn_reference(
+    logits: torch.Tensor, temperature: float, n_iter: int, n_valid: int, group, b_global: int
+) -> torch.Tensor:
     n_protos = logits.shape[1]
     out = _zero_padding_rows(torch.empty(logits.shape, dtype=torch.float32, device=logits.device), n_valid)
     if b_global == 0:
@@ -684,16 +693,14 @@ def sinkhorn_knopp(
     """Sinkhorn-Knopp teacher targets: Q [B, K] float32 whose valid rows sum to 1.
 
     logits: [B, K] teacher head outputs (fp32, bf16 or fp16; any strides; finite), temperature: > 0,
-    n_iter: Sinkhorn iterations (3 in the recipe), n_valid: the number of leading valid rows on this rank (the
-    rest is padding: excluded from every sum, returned as exact zeros); None means all B rows.
-    group: process group whose ranks' samples are centered together (None: the default group when
+    n_iter: Sinkhorn iterations (default: the recipe's, SINKHORN_ITERATIONS), n_valid: the number of leading
+    valid rows on this rank (the rest is padding: excluded from every sum, returned as exact zeros); None means
+    all B rows. group: process group whose ranks' samples are centered together (None: the default group when
     torch.distributed is initialized, otherwise none). Every rank of the group must call this, even with
-    n_valid = 0. impl: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch otherwise), "triton"
-    or "reference". No autograd: the teacher side needs none.
+    n_valid = 0. impl: "auto", "triton" or "reference" (`sinkhorn_knopp_reference`), the kernel dispatch of
+    README.md. No autograd: the teacher side needs none.
     """
     temperature, n_valid = _check_inputs(logits, temperature, n_iter, n_valid)
-    if not use_triton(logits, impl, OP):
-        return sinkhorn_knopp_reference(logits, temperature, n_iter, n_valid, group)
+    run = _sinkhorn_triton if use_triton(logits, impl, OP) else _sinkhorn_reference
     group = reduction_group(group, OP)
-    b_global = _global_count(n_valid, group, logits.device)
-    return _sinkhorn_triton(logits, temperature, n_iter, n_valid, group, b_global)
+    return run(logits, temperature, n_iter, n_valid, group, _global_count(n_valid, group, logits.device))

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.common import triton_importable
+from kernels.rope_attention import rope_attention, uses_triton
 from models.rope import CoordNormalization, Rope, RopeEmbedding, rope_tokens
 
-AttnImpl = Literal["auto", "triton", "sdpa", "xformers"]
+# "auto", "triton", "reference": kernels.rope_attention's dispatch; "sdpa", "xformers": other backends.
+AttnImpl = Literal["auto", "triton", "reference", "sdpa", "xformers"]
 FfnKind = Literal["mlp", "swiglu"]
 
 
@@ -106,27 +107,35 @@ def _xformers_ops():
     return xops
 
 
+def _unknown_attn_impl(impl) -> ValueError:
+    return ValueError(f"unknown attention implementation {impl!r}; use {', '.join(get_args(AttnImpl))}")
+
+
+def _check_attn_impl(impl) -> None:
+    if impl not in get_args(AttnImpl):
+        raise _unknown_attn_impl(impl)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope | None, n_prefix: int, impl: AttnImpl = "auto"
 ) -> torch.Tensor:
     """softmax(rot(q) rot(k)^T / sqrt(D)) v for q, k, v of shape [B, N, H, D]; returns [B, N, H, D].
 
     q, k, v are typically strided views of the qkv projection's [B, N, 3, H, D] output. RoPE rotates the
-    tokens after the first `n_prefix` (class + registers). `auto` is the Triton kernel for bf16/fp16 on CUDA
-    and SDPA (RoPE in PyTorch, float32, then `scaled_dot_product_attention`) otherwise (fp32 on CUDA: see
-    kernels.rope_attention.runs_on_gpu).
+    tokens after the first `n_prefix` (class + registers).
+    impl: "triton" and "reference" are `kernels.rope_attention.rope_attention`'s. "sdpa" (RoPE in PyTorch,
+    float32, then `scaled_dot_product_attention`) and "xformers" (RoPE in PyTorch, then
+    `memory_efficient_attention`; CUDA only) are other backends. "auto" is the kernel where its dispatch runs
+    Triton on a GPU and SDPA everywhere else.
     """
     if impl == "auto":
-        impl = "sdpa"
-        if q.is_cuda and triton_importable():
-            from kernels.rope_attention import runs_on_gpu
-
-            impl = "triton" if runs_on_gpu(q.dtype) else "sdpa"
-    if impl == "triton":
-        from kernels.rope_attention import rope_attention
-
+        # Not the kernel's own "auto": where that would run the reference (the CPU, fp32 on CUDA), SDPA is the
+        # fused backend, while the reference is the specification and holds the N x N scores; and on the CPU
+        # under TRITON_INTERPRET a model runs SDPA, not the interpreted kernel.
+        impl = "triton" if q.is_cuda and uses_triton(q, "auto") else "sdpa"
+    if impl in ("triton", "reference"):
         coords, periods = (rope.coords, rope.periods) if rope is not None else (None, None)
-        return rope_attention(q, k, v, coords, periods, n_prefix, impl="triton")
+        return rope_attention(q, k, v, coords, periods, n_prefix, impl=impl)
     if impl == "sdpa":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
         if rope is not None:
@@ -141,7 +150,7 @@ def attention(
             q = rope_tokens(q.transpose(1, 2), rope, n_prefix).to(v.dtype).transpose(1, 2)
             k = rope_tokens(k.transpose(1, 2), rope, n_prefix).to(v.dtype).transpose(1, 2)
         return xops.memory_efficient_attention(q, k, v)
-    raise ValueError(f"unknown attention implementation {impl!r}; use auto, triton, sdpa or xformers")
+    raise _unknown_attn_impl(impl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,6 +296,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.embed_dim % cfg.num_heads != 0:
             raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
+        _check_attn_impl(cfg.attn_impl)
         self.cfg = cfg
         self.embed_dim = cfg.embed_dim
         self.patch_size = cfg.patch_size
@@ -329,8 +339,7 @@ class VisionTransformer(nn.Module):
                 module.reset_parameters()
 
     def set_attn_impl(self, impl: AttnImpl) -> None:
-        if impl not in ("auto", "triton", "sdpa", "xformers"):
-            raise ValueError(f"unknown attention implementation {impl!r}; use auto, triton, sdpa or xformers")
+        _check_attn_impl(impl)
         self.cfg = replace(self.cfg, attn_impl=impl)
         for block in self.blocks:
             block.attn.impl = impl

@@ -129,13 +129,13 @@ def test_knn_and_linear_cli_on_procedural_data_cache_their_features(checkpoint, 
     # What the CLI cached are the class tokens of the backbone on the procedural images (40 train, 20 val, with
     # their labels), and its accuracies are those of a float64 k-NN on them.
     train_split, val_split = probes.procedural_splits(40, 20, 32, 4, seed=0)
-    key = ev.checkpoint_fingerprint(checkpoint)
-    cached = [torch.load(ev.feature_cache_file(cache, key, split, 32, 1.0), weights_only=True)
+    key = probes.checkpoint_fingerprint(checkpoint)
+    cached = [torch.load(probes.feature_cache_file(cache, key, split, 32, 1.0), weights_only=True)
               for split in (train_split, val_split)]
     for split, features in zip((train_split, val_split), cached):
         images, labels = zip(*(split.images[i] for i in split.indices))
         with torch.no_grad():
-            cls = tiny_backbone(torch.stack([ev.eval_pixels(image, 32) for image in images]))["x_norm_clstoken"]
+            cls = tiny_backbone(torch.stack([probes.eval_pixels(image, 32) for image in images]))["x_norm_clstoken"]
         torch.testing.assert_close(features["cls"], cls, rtol=1e-4, atol=1e-4)
         assert features["labels"].tolist() == list(labels)
     train, val = cached

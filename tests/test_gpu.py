@@ -1,7 +1,7 @@
 """The three Triton kernels compiled and run on a real GPU, against float64 references, at DINOv3's shapes.
 
 Run with `TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py` on a CUDA machine (bench/gpu_check.sh does); without
-CUDA every test here skips. bf16 and fp16 attention (fp32 on GPUs takes the PyTorch path: FP32_TRITON_ON_GPU),
+CUDA every test here skips. bf16 and fp16 attention (fp32 on GPUs runs the reference: FP32_TRITON_ON_GPU),
 bf16 / fp16 / fp32 Sinkhorn and Gram, forward and backward, shapes that are not multiples of
 the tiles (N = 54, 261, 1029 tokens; 65536 and 262144 prototypes; 1029 and 4096 patches). Outputs are allocated
 uninitialized on the GPU, so these tests also catch an element a kernel never writes (garbage fails the bound).
@@ -77,7 +77,7 @@ def test_rope_attention_matches_float64(name, batch, heads, side, head_dim, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).removeprefix("torch."))
 def test_wide_attention_on_gpu(dtype):
-    """fp32/fp64 on CUDA: while FP32_TRITON_ON_GPU is off, "auto" runs the PyTorch path and a forced Triton call
+    """fp32/fp64 on CUDA: while FP32_TRITON_ON_GPU is off, "auto" runs the reference and a forced Triton call
     refuses clearly; once it is on, the forced Triton call must match float64."""
     from kernels import rope_attention as module
     from models.rope import patch_coords, rope_periods
@@ -150,21 +150,21 @@ def test_sinkhorn_padding_rows_on_gpu():
 # ------------------------------------------------------------------------------------------------------------
 
 
-# (path, remove_neg): the d-space identity has no remove_neg form
-GRAM_PATHS = [("tiled", False), ("tiled", True), ("dspace", False), ("auto", False), ("auto", True)]
+# (algorithm, remove_neg): the d-space identity has no remove_neg form
+GRAM_ALGORITHMS = [("tiled", False), ("tiled", True), ("dspace", False), ("auto", False), ("auto", True)]
 
 
-@pytest.mark.parametrize("path,remove_neg", GRAM_PATHS, ids=[f"{p}-{r}" for p, r in GRAM_PATHS])
+@pytest.mark.parametrize("algorithm,remove_neg", GRAM_ALGORITHMS, ids=[f"{a}-{r}" for a, r in GRAM_ALGORITHMS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("P,d", [(1029, 384), (4096, 1024)], ids=lambda v: str(v))
-def test_gram_loss_matches_float64(P, d, dtype, path, remove_neg):
+def test_gram_loss_matches_float64(P, d, dtype, algorithm, remove_neg):
     from kernels.gram import gram_loss, gram_loss_reference
 
     gen = _generator(P + d)
     student = torch.randn(2, P, d, generator=gen, device="cuda").to(dtype)
     teacher = torch.randn(2, P, d, generator=gen, device="cuda").to(dtype)
     s = student.clone().requires_grad_()
-    loss = gram_loss(s, teacher, remove_neg=remove_neg, impl="triton", path=path)
+    loss = gram_loss(s, teacher, remove_neg=remove_neg, impl="triton", algorithm=algorithm)
     loss.backward()
     s64 = student.double().requires_grad_()
     ref = gram_loss_reference(s64, teacher.double(), remove_neg=remove_neg)
@@ -182,7 +182,7 @@ def test_gram_loss_pytorch_tiles_on_gpu(remove_neg):
     student = torch.randn(2, 1029, 384, generator=gen, device="cuda")
     teacher = torch.randn(2, 1029, 384, generator=gen, device="cuda")
     s = student.clone().requires_grad_()
-    loss = gram_loss(s, teacher, remove_neg=remove_neg, impl="reference", path="tiled")
+    loss = gram_loss(s, teacher, remove_neg=remove_neg, algorithm="tiled")  # "auto" on CUDA: the slabs
     loss.backward()
     s64 = student.double().requires_grad_()
     ref = gram_loss_reference(s64, teacher.double(), remove_neg=remove_neg)

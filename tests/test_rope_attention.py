@@ -9,7 +9,7 @@ the kernels never write makes the error NaN and the test fail.
 import pytest
 import torch
 
-from kernels.rope_attention import RopeAttentionFunction, rope_attention, rope_attention_reference
+from kernels.rope_attention import RopeAttentionFunction, rope_attention, rope_attention_reference, uses_triton
 from models.rope import augment_coords, patch_coords, rope_periods
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -158,6 +158,15 @@ def test_auto_runs_the_kernel_under_the_interpreter_and_the_reference_on_cpu_wit
     assert calls == ["reference"]
 
 
+def test_uses_triton_is_the_common_rule_on_the_cpu(monkeypatch):
+    q = torch.randn(1, 4, 1, 32)
+    assert uses_triton(q, "auto") and uses_triton(q, "triton") and not uses_triton(q, "reference")  # interpreted
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not uses_triton(q, "auto") and not uses_triton(q, "reference")
+    with pytest.raises(RuntimeError, match="impl='triton' was forced"):
+        uses_triton(q, "triton")
+
+
 def test_bad_inputs_raise_clear_errors():
     coords, periods = make_rope(3, 4, 32, jitter=False, seed=0)
     q, k, v = make_qkv(1, 13, 2, 32, torch.float32, seed=0).unbind(2)
@@ -176,6 +185,8 @@ def test_bad_inputs_raise_clear_errors():
         rope_attention(q48, k48, v48, None, None, 1, impl="triton")
     with pytest.raises(ValueError, match="rope_mode"):
         rope_attention(q, k, v, coords, periods, 1, rope_mode="table")
+    with pytest.raises(ValueError, match="impl must be 'auto', 'triton' or 'reference'"):
+        rope_attention(q, k, v, coords, periods, 1, impl="sdpa")
 
 
 @pytest.mark.parametrize("train", [False, True])

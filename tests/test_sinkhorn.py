@@ -242,6 +242,26 @@ def test_bad_inputs_raise(kwargs, message):
         sinkhorn_knopp(**args)
 
 
+@pytest.mark.parametrize("entry", ["sinkhorn_knopp-reference", "sinkhorn_knopp-triton", "sinkhorn_knopp_reference"])
+def test_arguments_are_checked_once(entry, monkeypatch):
+    """One validation per call on every path (n_valid as a tensor costs a host sync each time it is read)."""
+    calls = []
+    original = sinkhorn._check_inputs
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(sinkhorn, "_check_inputs", counted)
+    logits, n_valid = teacher_logits(6, 40, torch.float32, seed=9), torch.tensor(4)
+    if entry == "sinkhorn_knopp_reference":
+        out = sinkhorn_knopp_reference(logits, 0.1, n_valid=n_valid)
+    else:
+        out = sinkhorn_knopp(logits, 0.1, n_valid=n_valid, impl=entry.removeprefix("sinkhorn_knopp-"))
+    assert len(calls) == 1
+    assert_distributions(out[:4])
+
+
 def test_group_without_distributed_raises():
     with pytest.raises(ValueError, match="not initialized"):
         sinkhorn_knopp_reference(torch.randn(4, 5), 0.1, group=object())

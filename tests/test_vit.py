@@ -1,9 +1,12 @@
-"""The DINOv3 ViT: shapes, parameter counts, list-of-crops forward, masking, drop path, input checks."""
+"""The DINOv3 ViT: shapes, parameter counts, list-of-crops forward, masking, drop path, attention backends, input
+checks."""
 
 import pytest
 import torch
 
-from models.vit import VIT_ARCHS, build_vit
+from kernels.rope_attention import rope_attention, rope_attention_reference
+from models.rope import RopeEmbedding
+from models.vit import VIT_ARCHS, attention, build_vit
 
 RELEASED_PARAMS = {
     "vit_small": 21_601_152,
@@ -152,8 +155,41 @@ def test_bad_inputs_raise_clear_errors(x, message):
 def test_unknown_preset_and_attention_backend_are_rejected():
     with pytest.raises(ValueError, match="unknown ViT preset"):
         build_vit("vit_gigantic")
-    with pytest.raises(ValueError, match="unknown attention implementation"):
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash9'; use auto, triton, reference"):
         build_vit("vit_tiny").set_attn_impl("flash9")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        build_vit("vit_tiny", attn_impl="flash9")
+
+
+def test_kernel_backends_are_the_kernels_dispatch_and_auto_is_sdpa_on_the_cpu():
+    """"triton" / "reference" are rope_attention's impl; "auto" runs SDPA on the CPU, under the interpreter too."""
+    q, k, v = torch.randn(3, 2, 17, 3, 32, generator=torch.Generator().manual_seed(0)).unbind(0)
+    embed = RopeEmbedding(32, rescale=2.0).train()
+    embed.seed(7)
+    rope = embed(3, 4)
+    coords, periods = rope.coords, rope.periods
+    assert torch.equal(attention(q, k, v, rope, 5, "reference"), rope_attention_reference(q, k, v, coords, periods, 5))
+    triton = rope_attention(q, k, v, coords, periods, 5, impl="triton")
+    assert torch.equal(attention(q, k, v, rope, 5, "triton"), triton)
+    assert torch.equal(attention(q, k, v, rope, 5, "auto"), attention(q, k, v, rope, 5, "sdpa"))
+    assert rel_err(attention(q, k, v, rope, 5, "sdpa"), rope_attention_reference(q, k, v, coords, periods, 5)) < 1e-6
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention(q, k, v, rope, 5, "flash9")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_reference_attention_in_the_model(train):
+    """The whole model with attn_impl="reference" (the kernel's specification) against the default (SDPA here)."""
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", layerscale_init=1.0, drop_path_rate=0.2).train(train)
+    images = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for impl in ("auto", "reference"):
+        model.set_attn_impl(impl)
+        model.rope_embed.seed(123)
+        torch.manual_seed(3)  # the same drop-path draws
+        outputs[impl] = model(images)["x_norm_patchtokens"]
+    assert rel_err(outputs["reference"], outputs["auto"]) < 1e-5
 
 
 def test_xformers_backend_explains_why_it_cannot_run_on_cpu():

@@ -36,6 +36,7 @@ from data.datasets import (
 )
 from dense import forward_tokens, normalize_pixels
 from models.checkpoint import checkpoint_path_or_error, load_any_backbone
+from schedules import cosine_between
 
 logger = logging.getLogger("dinov3")
 
@@ -468,7 +469,7 @@ def train_linear_probes(
             grad_b = grad_logits.sum(dim=1)
             velocity_w.mul_(momentum).add_(grad_w)
             velocity_b.mul_(momentum).add_(grad_b)
-            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            step_lr = cosine_between(lr, 0.0, step / total_steps)
             weight -= step_lr[:, None, None] * velocity_w
             bias -= step_lr[:, None] * velocity_b
             step += 1

@@ -534,6 +534,24 @@ def check_config(*flags: str) -> train.TrainConfig:
     return train.parse_config([*CHECK_ARGS, *flags])
 
 
+def saved_bytes(fn, *modules) -> int:
+    """Bytes of the unique storages autograd saves while fn runs, the modules' parameters and buffers excluded."""
+    import torch
+
+    excluded = {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
 def measure_cpu(cfg: train.TrainConfig, steps: int = 2) -> dict:
     """Run `steps` real training steps of cfg on the CPU in this process (float32, one rank) and measure, at the
     last step: the bytes of the student's parameters, gradients and AdamW state and of the teacher (from the
@@ -560,8 +578,7 @@ def measure_cpu(cfg: train.TrainConfig, steps: int = 2) -> dict:
     data = iter(loader)
     if gram_teacher is not None:
         train.copy_weights(gram_teacher, teacher.backbone)
-    excluded = {t.untyped_storage().data_ptr() for net in (student, teacher, gram_teacher) if net is not None
-                for t in (*net.parameters(), *net.buffers())}
+    nets = [net for net in (student, teacher, gram_teacher) if net is not None]
     measured: dict = {}
     for step in range(steps):
         batch = next(data)
@@ -571,19 +588,12 @@ def measure_cpu(cfg: train.TrainConfig, steps: int = 2) -> dict:
         if not last:
             terms = train.forward_losses(state, batch, sched, False)
         else:
-            saved: dict[int, int] = {}
-
-            def pack(t):
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in excluded:
-                    saved[storage.data_ptr()] = storage.nbytes()
-                return t
-
+            out: dict = {}
             gc.collect()
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    terms = train.forward_losses(state, batch, sched, False)
-            measured["saved_bytes"] = sum(saved.values())
+                measured["saved_bytes"] = saved_bytes(
+                    lambda: out.update(terms=train.forward_losses(state, batch, sched, False)), *nets)
+            terms = out["terms"]
             measured["held_bytes"] = sum(e.self_cpu_memory_usage for e in prof.events())
             measured["n_masked"] = len(batch["mask_indices"])
         train.backward_and_update(state, terms["total"], sched, cfg.optim.clip_grad)

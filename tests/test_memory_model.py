@@ -62,20 +62,6 @@ def test_real_cpu_steps_match_the_prediction(cpu_check):
         assert (ac, "gradients (fp32)") in components and (ac, "EMA teacher (fp32)") in components
 
 
-def _saved_by(fn, *modules: torch.nn.Module) -> int:
-    """Bytes of the unique storages autograd saves while fn runs, the modules' parameters and buffers excluded."""
-    excluded = {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved.values())
 
 
 # A 7B block at a small width: SwiGLU aligned to 64, no qkv bias, head dim 128.
@@ -95,7 +81,7 @@ def test_block_saves_what_the_model_says(vit, attn, drop_path):
     tokens = grid * grid + 1 + vit.n_storage_tokens
     x = torch.randn(images, tokens, vit.embed_dim, requires_grad=True)
     rope = model.rope_embed(grid, grid)
-    measured = _saved_by(lambda: block(x * 1.0, rope, 1 + vit.n_storage_tokens), block, model)
+    measured = mm.saved_bytes(lambda: block(x * 1.0, rope, 1 + vit.n_storage_tokens), block, model)
     predicted = sum(mm.block_saved(vit, tokens, grid * grid, mm.FP32_CPU, attn, drop_path, images).values())
     assert predicted == measured, (predicted, measured)
 

@@ -559,11 +559,12 @@ class Checkpointer:
                 "config": dataclasses.asdict(cfg), "stats": dict(state.stats)}
         try:
             if cfg.run.async_checkpoint:
-                future = dcp.async_save(sharded_state(state), checkpoint_id=tmp, process_group=self.group)
+                future = dcp.async_save(sharded_state(state), checkpoint_id=tmp, process_group=self.group,
+                                        no_dist=not dist_info.enabled)
                 self.pending = (future, final, meta)
                 return final
-            dcp.save(sharded_state(state), checkpoint_id=tmp)
-        except Exception as err:
+            dcp.save(sharded_state(state), checkpoint_id=tmp, no_dist=not dist_info.enabled)
+        except (Exception, dcp.CheckpointException) as err:  # DCP's is a BaseException
             raise _sharded_write_error(final, err) from err
         self._commit(final, meta)
         runtime.barrier(dist_info)
@@ -578,11 +579,13 @@ class Checkpointer:
         """Wait for the asynchronous save in flight, if any, and commit it."""
         if self.pending is None:
             return
+        from torch.distributed.checkpoint import CheckpointException
+
         future, final, meta = self.pending
         self.pending = None
         try:
             future.result()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             raise _sharded_write_error(final, err) from err
         self._commit(final, meta)
 
@@ -677,9 +680,9 @@ def load_sharded_checkpoint(path: Path, cfg: TrainConfig, state: TrainState) -> 
     if missing:
         raise CheckpointError(f"sharded checkpoint {path} does not fit this run: {len(missing)} entries missing, "
                               f"e.g. {missing[:5]}")
-    try:
-        dcp.load(tree, checkpoint_id=path)
-    except Exception as err:
+    try:  # DCP's CheckpointException is a BaseException
+        dcp.load(tree, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    except (Exception, dcp.CheckpointException) as err:
         raise CheckpointError(f"sharded checkpoint {path} is damaged: its shards cannot be read (a missing or "
                               f"truncated .distcp file?): {type(err).__name__}: {str(err)[:300]}") from err
     for part in ("student", "teacher", "gram_teacher"):

@@ -88,7 +88,7 @@ def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HO
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: {how_to_get}")
     if path.is_dir():
-        if runtime.is_sharded_checkpoint(path):
+        if runtime.is_sharded_checkpoint(path) and not path.name.endswith(".tmp"):
             return path
         if _looks_sharded(path):
             raise CheckpointError(
@@ -153,9 +153,9 @@ def read_sharded_checkpoint(path: Path, parts: tuple[str, ...] = SHARDED_WEIGHTS
         part, _, name = key.partition(".")
         if part in parts and isinstance(item, TensorStorageMetadata):
             weights.setdefault(part, {})[name] = torch.empty(item.size, dtype=item.properties.dtype)
-    try:
+    try:  # DCP's CheckpointException is a BaseException
         dcp.load(weights, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    except Exception as err:  # a missing or truncated shard file
+    except (Exception, dcp.CheckpointException) as err:  # a missing or truncated shard file
         raise CheckpointError(f"sharded checkpoint {path} is damaged: its shards cannot be read (a missing or "
                               f"truncated .distcp file?): {type(err).__name__}: {str(err)[:300]}") from err
     return {**payload, **weights}

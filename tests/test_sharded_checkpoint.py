@@ -213,6 +213,39 @@ def _run(command: list[str], log: Path, timeout: float = 240) -> None:
     assert code == 0, log.read_text()[-5000:]
 
 
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL to the launcher's process group and to every process below it (torchrun's workers may run in
+    groups of their own), then wait until none of them runs any more."""
+    pids = _descendants(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def _losses(out: Path) -> dict[int, tuple[str, ...]]:
     return {int(m.group(1)): m.groups()[1:] for m in LOSS_LINE.finditer((out / "log.txt").read_text())}
 
@@ -285,8 +318,7 @@ def test_kill_9_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path, im
             assert process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "timed out waiting for a save"
             time.sleep(0.002)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        _kill_job(process)
         partial = list(out.glob("checkpoint_*.tmp"))
         if partial:
             break

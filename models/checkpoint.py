@@ -9,7 +9,8 @@ preset is given the architecture is inferred from the tensor shapes (embed dim, 
 head dim from the RoPE periods) and matched against the released presets.
 
 `load_any_backbone` is the one place that turns any checkpoint argument the entry points take (a file, a
-train.py run folder, a Hugging Face folder, a state dict) into a ViT or ConvNeXt backbone.
+train.py run folder or sharded checkpoint folder, a Hugging Face folder, a state dict) into a ViT or
+ConvNeXt backbone; `read_sharded_checkpoint` is the one place that reads a sharded folder outside a run's resume.
 """
 
 from __future__ import annotations

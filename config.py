@@ -143,6 +143,12 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_last: int = 3
+    # "file": one checkpoint_<step>.pth gathered to rank 0; "sharded": a folder checkpoint_<step>/ in which every
+    # rank writes and reads only its own shards (torch.distributed.checkpoint); "auto": sharded with
+    # parallel=fsdp over several processes, else file (README.md, "Resuming and fault tolerance").
+    checkpoint_format: Literal["auto", "file", "sharded"] = "auto"
+    # Sharded checkpoints only: write in a background thread (the step waits for a copy in memory, not the disk).
+    async_checkpoint: bool = False
     resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
     pca_every: int = 0  # log PCA and cosine feature maps every N steps (0: only at the end)
     knn_every: int = 0  # k-NN accuracy of the teacher on the procedural labeled set every N steps (0: off)
@@ -152,6 +158,13 @@ class RunConfig:
     max_nonfinite_skips: int = 10
     dist_timeout_s: float = 600.0
     print_config: bool = False  # print the resolved config as JSON and exit
+
+
+def sharded_checkpoints(run: RunConfig, world_size: int) -> bool:
+    """Whether this run writes sharded checkpoint folders (run.checkpoint_format, "auto" resolved)."""
+    if run.checkpoint_format == "auto":
+        return run.parallel == "fsdp" and world_size > 1
+    return run.checkpoint_format == "sharded"
 
 
 # The official high-resolution (global, local, Gram-teacher) crop sizes and their probabilities.

@@ -740,6 +740,9 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     specs = parse_students(cfg.students, world_size, cfg.data.batch_size * world_size)
     if cfg.run.parallel != "ddp":
         problems.append("run.parallel must be 'ddp': students are data-parallel within their rank groups")
+    if cfg.run.checkpoint_format == "sharded" or cfg.run.async_checkpoint:
+        problems.append("run.checkpoint_format='sharded' and run.async_checkpoint are train.py's (FSDP): distill.py's "
+                        "students are data-parallel, each checkpoint is one file written by its group leader")
     if cfg.phases.cooldown_iterations < 0 or cfg.phases.high_res_iterations < 0:
         problems.append("phases.cooldown_iterations and phases.high_res_iterations must be >= 0")
     if cfg.phases.high_res_iterations:

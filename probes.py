@@ -61,7 +61,7 @@ def load_eval_backbone(checkpoint: str | Path | dict | None, device: str | torch
 def checkpoint_fingerprint(source: str | Path | dict) -> str:
     """What identifies a checkpoint in the feature cache.
 
-    A file: its resolved path, size and modification time (hashing gigabytes of weights would cost about as
+    A file (a sharded checkpoint folder: its meta.json): its resolved path, size and modification time (hashing gigabytes of weights would cost about as
     much as the features it saves). A state dict: a hash of its contents.
     """
     digest = hashlib.sha256()
@@ -69,7 +69,7 @@ def checkpoint_fingerprint(source: str | Path | dict) -> str:
         _hash_contents(digest, "", source)
     else:
         path = checkpoint_path_or_error(source).resolve()
-        stat = path.stat()
+        stat = (path / "meta.json" if path.is_dir() else path).stat()  # a sharded folder: its marker, written last
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 

@@ -3,15 +3,22 @@
 Checkpoints are single files written atomically: torch.save to `<name>.tmp` in the same folder, fsync,
 then os.replace — so a crash or a full disk at any moment leaves either the previous checkpoint or the new
 one, never a torn file; leftover `.tmp` files are never taken for checkpoints (and are removed at the next save).
+
+Sharded checkpoints (train.py with FSDP over several processes) are folders `checkpoint_<step>/` written by
+torch.distributed.checkpoint (every rank its own shards) into `checkpoint_<step>.tmp/`; once every rank has
+written, rank 0 adds `meta.json` last and renames the folder (`commit_sharded`). Only a folder with its
+meta.json is a checkpoint; `.tmp` folders are never read and are removed at the next save.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -26,6 +33,8 @@ from torch import nn
 logger = logging.getLogger("dinov3")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})\.pth$")
+SHARDED_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
+SHARDED_MARKER = "meta.json"  # written last, by rank 0: a sharded checkpoint folder without it is not one
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,36 +197,85 @@ def atomic_save(obj: object, path: Path) -> None:
                 err.errno, f"could not write checkpoint {path} ({err.strerror}); the previous checkpoint is intact"
             ) from err
         raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return Path(folder) / f"checkpoint_{step:08d}.pth"
+def checkpoint_path(folder: Path, step: int, sharded: bool = False) -> Path:
+    """`checkpoint_<step>.pth`, or the folder `checkpoint_<step>` of a sharded checkpoint."""
+    return Path(folder) / (f"checkpoint_{step:08d}" if sharded else f"checkpoint_{step:08d}.pth")
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A committed sharded checkpoint folder (it holds its marker, written last)."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_MARKER).is_file()
+
+
+_reported_partial: set[Path] = set()
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in `folder`, oldest first; temp files are not checkpoints."""
+    """(step, path) of the complete checkpoints in `folder` -- files and committed sharded folders -- oldest
+    first; temp files and folders are not checkpoints, and a `checkpoint_<step>/` folder without its marker is
+    ignored (and reported once)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = []
     for path in folder.iterdir():
         match = CHECKPOINT_PATTERN.match(path.name)
-        if match:
+        if match and path.is_file():
             found.append((int(match.group(1)), path))
+        elif (match := SHARDED_PATTERN.match(path.name)) and path.is_dir():
+            if is_sharded_checkpoint(path):
+                found.append((int(match.group(1)), path))
+            elif path not in _reported_partial:
+                _reported_partial.add(path)
+                logger.warning(f"ignoring {path}: a sharded checkpoint folder without {SHARDED_MARKER} (its save "
+                               "did not finish)")
     return sorted(found)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a checkpoint file or folder (missing is fine)."""
+    if Path(path).is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:
     for _, path in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
-        path.unlink(missing_ok=True)
+        remove_path(path)
     for tmp in Path(folder).glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
+        remove_path(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def sharded_temp_path(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def commit_sharded(final: Path, meta: dict) -> None:
+    """Rank 0, once every rank's shards are in `<final>.tmp/`: write the marker (meta.json, fsync'ed) last, then
+    rename the folder to `final` -- the moment the checkpoint starts to exist."""
+    tmp = sharded_temp_path(final)
+    marker = tmp / SHARDED_MARKER
+    with open(marker, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (a copied-in or older folder): replace it
+        remove_path(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
 
 
 # ----------------------------------------------------------------------------------------------------

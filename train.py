@@ -53,6 +53,7 @@ from config import (
     TeacherConfig,
     group_problems,
     parse_cli,
+    sharded_checkpoints,
 )
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
@@ -304,6 +305,12 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
         if gram.start_iteration >= cfg.optim.iterations:
             problems.append(f"gram.start_iteration={gram.start_iteration} is not before optim.iterations="
                             f"{cfg.optim.iterations}: the Gram loss would never run")
+    if cfg.run.checkpoint_format == "sharded" and cfg.run.parallel == "ddp" and world_size > 1:
+        problems.append("run.checkpoint_format='sharded' with parallel=ddp: every DDP rank holds the whole state, there "
+                        "is nothing to shard; use --run.parallel fsdp or the file format")
+    if cfg.run.async_checkpoint and not sharded_checkpoints(cfg.run, world_size):
+        problems.append("run.async_checkpoint needs sharded checkpoints (--run.parallel fsdp over several processes, "
+                        "or --run.checkpoint-format sharded)")
     if cfg.run.parallel == "fsdp" and world_size == 1:
         logger.info("parallel=fsdp with one process: sharding over a single rank (works, saves nothing)")
     if problems:
@@ -492,6 +499,108 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, dist_info: runtime.Dist
     return path if dist_info.is_main else None
 
 
+def sharded_state(state: TrainState) -> dict:
+    """What a sharded checkpoint holds, as torch.distributed.checkpoint state dicts: this rank's shards of the
+    student, EMA teacher, Gram teacher and AdamW moments (DTensors under FSDP2, the tensors themselves in one
+    process), and the losses' state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tree = {"student": get_model_state_dict(state.student), "teacher": get_model_state_dict(state.teacher),
+            "optimizer": get_optimizer_state_dict(state.student, state.optimizer),
+            "losses": state.losses.state_dict()}
+    if state.gram_teacher is not None:
+        tree["gram_teacher"] = get_model_state_dict(state.gram_teacher)
+    return tree
+
+
+class Checkpointer:
+    """Writes the run's checkpoints: single files (`save_checkpoint`) or sharded folders.
+
+    A sharded checkpoint `checkpoint_<step>/` is written as `checkpoint_<step>.tmp/`: each rank its RNG state
+    (`rng_<rank>.pt`) and, through torch.distributed.checkpoint, its own shards; DCP's coordinator (rank 0) writes
+    `.metadata` only after every rank has written; then rank 0 adds meta.json and renames the folder
+    (runtime.commit_sharded). With --run.async-checkpoint the shards are copied in memory and written by a
+    background thread over a process group of its own; rank 0 commits when it is done (checked every step, and
+    before the next save and at the end), so at most one save is in flight.
+    The released-format teacher backbone is gathered to rank 0 alone (never the optimizer) at every save."""
+
+    def __init__(self, cfg: TrainConfig, dist_info: runtime.Dist):
+        self.cfg, self.dist_info = cfg, dist_info
+        self.sharded = sharded_checkpoints(cfg.run, dist_info.world_size)
+        self.out_dir = Path(cfg.run.output_dir)
+        self.pending: tuple | None = None  # (future, final folder, meta) of an asynchronous save in flight
+        self.group = None
+        if self.sharded and cfg.run.async_checkpoint and dist_info.enabled:
+            import datetime
+
+            import torch.distributed as dist
+
+            # DCP's own collectives run in the background thread: never on the training's process group.
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.run.dist_timeout_s))
+
+    def save(self, state: TrainState) -> Path | None:
+        if not self.sharded:
+            return save_checkpoint(state, self.cfg, self.dist_info)
+        import torch.distributed.checkpoint as dcp
+
+        self.finish()  # the previous asynchronous save, committed
+        cfg, dist_info = self.cfg, self.dist_info
+        backbone = runtime.full_state(state.teacher.backbone)  # every rank takes part, rank 0 gets the tensors
+        final = runtime.checkpoint_path(self.out_dir, state.step, sharded=True)
+        tmp = runtime.sharded_temp_path(final)
+        if dist_info.is_main:
+            runtime.atomic_save(backbone, self.out_dir / "teacher_backbone.pth")
+            runtime.remove_path(tmp)  # left by a save of this step that was killed
+        runtime.barrier(dist_info)
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(runtime.rng_states(), tmp / f"rng_{dist_info.rank}.pt")
+        meta = {"format": TRAIN_CHECKPOINT_FORMAT, "layout": "sharded", "step": state.step,
+                "world_size": dist_info.world_size, "global_batch": cfg.data.batch_size * dist_info.world_size,
+                "config": dataclasses.asdict(cfg), "stats": dict(state.stats)}
+        try:
+            if cfg.run.async_checkpoint:
+                future = dcp.async_save(sharded_state(state), checkpoint_id=tmp, process_group=self.group,
+                                        no_dist=not dist_info.enabled)
+                self.pending = (future, final, meta)
+                return final
+            dcp.save(sharded_state(state), checkpoint_id=tmp, no_dist=not dist_info.enabled)
+        except (Exception, dcp.CheckpointException) as err:  # DCP's is a BaseException
+            raise _sharded_write_error(final, err) from err
+        self._commit(final, meta)
+        runtime.barrier(dist_info)
+        return final
+
+    def poll(self) -> None:
+        """Commit an asynchronous save that has finished (no collective: each rank looks at its own)."""
+        if self.pending is not None and self.pending[0].done():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the asynchronous save in flight, if any, and commit it."""
+        if self.pending is None:
+            return
+        from torch.distributed.checkpoint import CheckpointException
+
+        future, final, meta = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+            raise _sharded_write_error(final, err) from err
+        self._commit(final, meta)
+
+    def _commit(self, final: Path, meta: dict) -> None:
+        # DCP's coordinator wrote .metadata after every rank reported its shards written: rank 0 may commit.
+        if self.dist_info.is_main:
+            runtime.commit_sharded(final, meta)
+            runtime.prune_checkpoints(self.out_dir, self.cfg.run.keep_last)
+
+
+def _sharded_write_error(final: Path, err: Exception) -> OSError:
+    return OSError(f"could not write sharded checkpoint {final} ({type(err).__name__}: {str(err)[:500]}); "
+                   "the previous checkpoint is intact")
+
+
 COMPATIBLE_FIELDS = ("model.arch", "model.dino_prototypes", "model.dino_hidden", "model.dino_bottleneck",
                      "model.ibot_prototypes", "model.ibot_hidden", "model.ibot_bottleneck")
 
@@ -510,6 +619,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState) -> dict:
     means)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if path.is_dir():
+        return load_sharded_checkpoint(path, cfg, state)
     payload = read_checkpoint_file(path)
     if payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
         kind = "a released-format backbone (weights only)" if "cls_token" in payload else "not a training checkpoint"
@@ -535,6 +646,78 @@ def load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState) -> dict:
     runtime.set_rng_states(payload["rng"])
     state.step, state.stats = payload["step"], payload["stats"]
     return payload
+
+
+def load_sharded_checkpoint(path: Path, cfg: TrainConfig, state: TrainState) -> dict:
+    """Restore a run from a sharded checkpoint folder: each rank reads only the pieces of its own shards, whatever
+    the number of processes that wrote it (DCP reshards); returns meta.json's entries (with "gram_teacher" when the
+    folder holds one). The RNG states are each rank's own when the number of processes is the same."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    marker = path / runtime.SHARDED_MARKER
+    try:
+        meta = json.loads(marker.read_text())
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise CheckpointError(f"sharded checkpoint {path} is damaged: its {runtime.SHARDED_MARKER} or .metadata "
+                              f"cannot be read ({type(err).__name__}: {err})") from err
+    if meta.get("format") != TRAIN_CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a train.py sharded checkpoint (meta.json format {meta.get('format')!r})")
+    _check_compatible(meta["config"], cfg, path, "use the same value or another --run.output-dir")
+    tree = sharded_state(state)  # the templates DCP loads into (fresh AdamW state for every parameter)
+    if state.gram_teacher is not None and not any(k.startswith("gram_teacher.") for k in saved):
+        del tree["gram_teacher"]
+    # AdamW state exists only for parameters that had a gradient (not the prototypes while frozen): load the
+    # others as they are, then drop their placeholder state as load_checkpoint does.
+    no_state = [fqn for fqn in tree["optimizer"]["state"] if f"optimizer.state.{fqn}.exp_avg" not in saved]
+    for fqn in no_state:
+        del tree["optimizer"]["state"][fqn]
+    expected = set(dcp_keys(tree))
+    missing = sorted(k for k in expected if k not in saved and not k.startswith("optimizer.param_groups"))
+    if missing:
+        raise CheckpointError(f"sharded checkpoint {path} does not fit this run: {len(missing)} entries missing, "
+                              f"e.g. {missing[:5]}")
+    try:  # DCP's CheckpointException is a BaseException
+        dcp.load(tree, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    except (Exception, dcp.CheckpointException) as err:
+        raise CheckpointError(f"sharded checkpoint {path} is damaged: its shards cannot be read (a missing or "
+                              f"truncated .distcp file?): {type(err).__name__}: {str(err)[:300]}") from err
+    for part in ("student", "teacher", "gram_teacher"):
+        if part in tree:
+            set_model_state_dict(getattr(state, part), tree[part])
+    set_optimizer_state_dict(state.student, state.optimizer, tree["optimizer"])
+    names = set(no_state)
+    for name, param in state.student.named_parameters():
+        if name in names:
+            state.optimizer.state.pop(param, None)
+    state.losses.load_state_dict(tree["losses"])
+    distributed = torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if meta["world_size"] == world_size:
+        runtime.set_rng_states(torch.load(path / f"rng_{rank}.pt", weights_only=True))
+    else:
+        logger.info(f"{path} was written by {meta['world_size']} processes, this run has {world_size}: weights, "
+                    "optimizer, step and data stream continue exactly; per-rank random states start afresh")
+        if meta["global_batch"] != cfg.data.batch_size * world_size:
+            logger.warning(f"the global batch changes from {meta['global_batch']} to {cfg.data.batch_size * world_size}"
+                           f" (data.batch_size x processes): the data stream does not continue where it was; keep "
+                           f"data.batch_size = {meta['global_batch']} / processes to continue it exactly")
+    state.step, state.stats = meta["step"], meta["stats"]
+    return {**meta, **({"gram_teacher": True} if "gram_teacher" in tree else {})}
+
+
+def dcp_keys(tree: dict, prefix: str = "") -> list[str]:
+    """The flat keys torch.distributed.checkpoint gives a nested state dict ("optimizer.state.<fqn>.exp_avg")."""
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            keys += dcp_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def resolve_checkpoint_source(source: str, option: str) -> Path:
@@ -749,6 +932,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     loader = build_train_loader(dataset, cfg, state.step, state.student.backbone.patch_size, dist_info)
     monitor = Monitor(cfg, dataset, state, dist_info)
 
+    checkpointer = Checkpointer(cfg, dist_info)
     stop = runtime.StopFlag()
     stop.install()
     data_iter = iter(loader)
@@ -767,12 +951,14 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
             monitor.evaluate_if_due(state.step)
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
+            checkpointer.poll()
             if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.optim.iterations or stop_now:
-                save_checkpoint(state, cfg, dist_info)
+                checkpointer.save(state)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoint saved at step {state.step}, "
                             "exiting")
                 break
+        checkpointer.finish()
     finally:
         stop.restore()
         del data_iter

@@ -9,7 +9,8 @@ preset is given the architecture is inferred from the tensor shapes (embed dim, 
 head dim from the RoPE periods) and matched against the released presets.
 
 `load_any_backbone` is the one place that turns any checkpoint argument the entry points take (a file, a
-train.py run folder, a Hugging Face folder, a state dict) into a ViT or ConvNeXt backbone.
+train.py run folder or sharded checkpoint folder, a Hugging Face folder, a state dict) into a ViT or
+ConvNeXt backbone; `read_sharded_checkpoint` is the one place that reads a sharded folder outside a run's resume.
 """
 
 from __future__ import annotations
@@ -63,14 +64,23 @@ def read_checkpoint_file(path: str | Path) -> dict:
 
 HOW_TO_GET_A_CHECKPOINT = (
     "pass --checkpoint PATH: a released DINOv3 backbone (.pth), a Hugging Face DINOv3ViTModel state dict or "
-    "save_pretrained folder, or a train.py / distill.py checkpoint; `make run` trains the demo model and writes "
-    "runs/demo/teacher_backbone.pth"
+    "save_pretrained folder, or a train.py / distill.py checkpoint (file, sharded checkpoint folder or run folder); "
+    "`make run` trains the demo model and writes runs/demo/teacher_backbone.pth"
 )
 
 
+def _looks_sharded(path: Path) -> bool:
+    """A folder that is (or was meant to be) a train.py sharded checkpoint: its name or its DCP files say so."""
+    import runtime
+
+    name = path.name.removesuffix(".tmp")
+    return bool(runtime.SHARDED_PATTERN.match(name)) or (path / ".metadata").exists() or any(path.glob("*.distcp"))
+
+
 def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> Path:
-    """The file behind a checkpoint argument: the file itself, a train.py run folder's newest checkpoint, or a
-    Hugging Face save_pretrained folder's model.safetensors (else pytorch_model.bin); errors end with `how_to_get`."""
+    """The file or folder behind a checkpoint argument: the file itself, a train.py sharded checkpoint folder, a
+    train.py run folder's newest checkpoint (file or sharded folder), or a Hugging Face save_pretrained folder's
+    model.safetensors (else pytorch_model.bin); errors end with `how_to_get`."""
     import runtime  # the repository root's shared helpers: list_checkpoints knows train.py's file names
 
     if checkpoint is None:
@@ -79,21 +89,31 @@ def checkpoint_path_or_error(checkpoint: str | Path | None, how_to_get: str = HO
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: {how_to_get}")
     if path.is_dir():
+        if runtime.is_sharded_checkpoint(path) and not path.name.endswith(".tmp"):
+            return path
+        if _looks_sharded(path):
+            raise CheckpointError(
+                f"{path} is a sharded checkpoint folder without its {runtime.SHARDED_MARKER} (written last): its save "
+                "did not finish (killed or failed), so it is incomplete; use an earlier checkpoint of the run")
         found = runtime.list_checkpoints(path)
         if found:
             return found[-1][1]
         weights = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
         if not weights:
             raise CheckpointError(
-                f"folder {path} holds no checkpoint_*.pth (a train.py run folder) and no model.safetensors or "
-                f"pytorch_model.bin (a Hugging Face save_pretrained folder, single and unsharded): {how_to_get}"
+                f"folder {path} holds no checkpoint_*.pth or checkpoint_* sharded folder (a train.py run folder) and "
+                "no model.safetensors or pytorch_model.bin (a Hugging Face save_pretrained folder, single and "
+                f"unsharded): {how_to_get}"
             )
         path = weights[0]
     return path
 
 
 def read_weights(path: Path) -> dict:
-    """The contents of a torch checkpoint file or a safetensors file."""
+    """The contents of a torch checkpoint file, a safetensors file or a train.py sharded checkpoint folder (its
+    weights, without the optimizer: `read_sharded_checkpoint`)."""
+    if Path(path).is_dir():
+        return read_sharded_checkpoint(Path(path))
     if path.suffix != ".safetensors":
         return read_checkpoint_file(path)
     from safetensors.torch import load_file
@@ -102,6 +122,44 @@ def read_weights(path: Path) -> dict:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for a damaged header or data
         raise CheckpointError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from err
+
+
+SHARDED_WEIGHTS = ("student", "teacher", "gram_teacher")
+
+
+def read_sharded_checkpoint(path: Path, parts: tuple[str, ...] = SHARDED_WEIGHTS) -> dict:
+    """A train.py sharded checkpoint folder read whole in this process, without a process group: its meta.json
+    (format, step, config, stats) and the full tensors of `parts`, never the optimizer's -- laid out as a
+    single-file checkpoint, so everything that reads one (backbone_weights, --init-from, distill.py's teacher)
+    reads this too. The one place that reads such a folder outside a training run's own resume."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    import runtime
+
+    marker = path / runtime.SHARDED_MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path} is a sharded checkpoint folder without its {runtime.SHARDED_MARKER} (written "
+                              "last): its save did not finish; use an earlier checkpoint of the run")
+    try:
+        payload = json.loads(marker.read_text())
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"sharded checkpoint {path} is damaged: its {runtime.SHARDED_MARKER} or .metadata "
+                              f"cannot be read ({type(err).__name__}: {err})") from err
+    weights: dict[str, dict] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        part, _, name = key.partition(".")
+        if part in parts and isinstance(item, TensorStorageMetadata):
+            weights.setdefault(part, {})[name] = torch.empty(item.size, dtype=item.properties.dtype)
+    try:  # DCP's CheckpointException is a BaseException
+        dcp.load(weights, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    except (Exception, dcp.CheckpointException) as err:  # a missing or truncated shard file
+        raise CheckpointError(f"sharded checkpoint {path} is damaged: its shards cannot be read (a missing or "
+                              f"truncated .distcp file?): {type(err).__name__}: {str(err)[:300]}") from err
+    return {**payload, **weights}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,7 +24,13 @@ import torch
 
 import runtime
 import train
-from models.checkpoint import CheckpointError, checkpoint_path_or_error, load_any_backbone, read_sharded_checkpoint, read_weights
+from models.checkpoint import (
+    CheckpointError,
+    checkpoint_path_or_error,
+    load_any_backbone,
+    read_sharded_checkpoint,
+    read_weights,
+)
 from tests.helpers import REPO, TINY_FLAGS, procedural, process_env, tiny_config
 
 SHARDED = ("--run.checkpoint-format", "sharded")

@@ -918,8 +918,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     dist_info = runtime.setup_distributed(cfg.run.device, cfg.run.dist_timeout_s)
     runtime.setup_logging(Path(cfg.run.output_dir), dist_info.is_main)
     validate_config(cfg, dist_info.world_size)
-    start = find_starting_point(cfg)  # missing weights files and a missing or empty dataset raise here, before
-    dataset = images if images is not None else build_dataset(cfg.data.path)  # any model is built
+    # Missing weights files and a missing or empty dataset raise here, before any model is built.
+    start = find_starting_point(cfg)
+    dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
         runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)

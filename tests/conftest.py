@@ -42,3 +42,15 @@ def teacher_files(tmp_path_factory) -> dict[str, Path]:
         payload["teacher"][key] *= 30.0
     torch.save(payload, folder / "teacher.pth")
     return {"heads": folder / "teacher.pth", "backbone": folder / "teacher_backbone.pth"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """24 procedural images as PNG files: a dataset folder for runs launched as separate processes."""
+    from tests.helpers import procedural
+
+    folder = tmp_path_factory.mktemp("images")
+    data = procedural(n=24)
+    for i in range(len(data)):
+        data[i][0].save(folder / f"{i:03d}.png")
+    return folder

@@ -454,15 +454,6 @@ def _assert_every_checkpoint_readable(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    data = procedural(n=24)
-    for i in range(len(data)):
-        data[i][0].save(folder / f"{i:03d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, image_folder) -> dict:
     """The final checkpoint of a train.py process that ran KILL_STEPS steps without interruption."""
     out = tmp_path_factory.mktemp("uninterrupted")

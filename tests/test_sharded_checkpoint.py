@@ -180,15 +180,6 @@ train.main(sys.argv[2:])
 """
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    data = procedural(n=24)
-    for i in range(len(data)):
-        data[i][0].save(folder / f"{i:03d}.png")
-    return folder
-
-
 def _env() -> dict[str, str]:
     env = process_env()
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -89,11 +89,11 @@ def phase(ranks: list[list[dict]], name: str) -> dict:
             "seconds": max(r["seconds"] for r in rows)}
 
 
-def measure(arch: str, nproc: int, folder: Path, timeout_s: float) -> dict[str, dict]:
+def measure(arch: str, nproc: int, folder: Path, timeout_s: float, heads: list[str] = HEADS) -> dict[str, dict]:
     results = {}
     for fmt in ("file", "sharded"):
         out = folder / fmt
-        common = ["demo", "--model.arch", arch, *HEADS, *SMALL_STEP, "--run.checkpoint-format", fmt,
+        common = ["demo", "--model.arch", arch, *heads, *SMALL_STEP, "--run.checkpoint-format", fmt,
                   "--run.output-dir", str(out)]
         saved = launch(nproc, [*common, "--optim.iterations", "1"], folder / f"{fmt}-save", timeout_s)
         resumed = launch(nproc, [*common, "--optim.iterations", "2"], folder / f"{fmt}-resume", timeout_s)

@@ -883,8 +883,43 @@ class Monitor:
             self.dense_history[step] = log_students_dense(self.writer, self.runs, self.dense_set, step, self.dist_info)
 
     def finish(self, step: int, dataset: ImageDataset) -> dict:
-        summary = _summary(step, self.cfg, self.specs, self.runs, self.teacher, self.history, self.last,
-                           self.seconds_per_image, dataset, self.dist_info, self.dense_history)
+        """Teacher forwards per rank, per-student results and parameter digests per rank; rank 0 writes
+        summary.json. At the end of the schedule each group leader also writes its student's feature map."""
+        cfg, dist_info, specs = self.cfg, self.dist_info, self.specs
+        out_dir = Path(cfg.run.output_dir)
+        teacher_images = _gather_objects(self.teacher.images_seen, dist_info)
+        digests = _gather_objects({run.spec.name: param_digest(run.net) for run in self.runs}, dist_info)
+        leaders = [run for run in self.runs if run.is_leader]
+        if step == self.n_steps and leaders:
+            pca_images = pca_batch(dataset, cfg.data.global_size, dist_info.device)
+            for run in leaders:
+                save_png(pca_figure(run.net.backbone, pca_images), student_dir(cfg, run.spec) / "pca_features.png")
+        summary = {
+            "step": step,
+            "total_steps": self.n_steps,
+            "output_dir": str(out_dir),
+            "objective": self.teacher.objective,
+            "teacher_images_per_rank": teacher_images,  # each image once per step over all ranks
+            "global_batch": cfg.data.batch_size * dist_info.world_size,
+            "dense": self.dense_history,  # step -> student -> ridge-probe mIoU / pixel accuracy (--run.dense-every)
+            "students": {
+                spec.name: {
+                    "ranks": list(spec.ranks),
+                    "losses": self.last.get(spec.name, {}),
+                    "history": self.history[spec.name],
+                    "seconds_per_image": self.seconds_per_image[spec.index].item(),
+                    "param_digests": {str(r): d[spec.name] for r, d in enumerate(digests) if spec.name in d},
+                    "folder": str(student_dir(cfg, spec)),
+                    "backbone": str(student_dir(cfg, spec) / "backbone.pth"),
+                }
+                for spec in specs
+            },
+        }
+        if dist_info.world_size >= max(len(specs), 2):  # the layout that balances the measured costs on these ranks
+            counts = suggest_rank_counts(self.seconds_per_image.tolist(), dist_info.world_size)
+            summary["suggested_students"] = ",".join(f"{spec.name}:{n}" for spec, n in zip(specs, counts))
+        if dist_info.is_main:
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.writer is not None:
             self.writer.close()
         return summary
@@ -965,45 +1000,6 @@ def _gather_objects(obj: object, dist_info: runtime.Dist) -> list:
     gathered = [None] * dist_info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def _summary(step, cfg, specs, runs, teacher, history, last, seconds_per_image, dataset, dist_info, dense) -> dict:
-    """Teacher forwards per rank, per-student results and parameter digests per rank; rank 0 writes summary.json."""
-    out_dir = Path(cfg.run.output_dir)
-    teacher_images = _gather_objects(teacher.images_seen, dist_info)
-    digests = _gather_objects({run.spec.name: param_digest(run.net) for run in runs}, dist_info)
-    leaders = [run for run in runs if run.is_leader]
-    if step == total_steps(cfg) and leaders:
-        pca_images = pca_batch(dataset, cfg.data.global_size, dist_info.device)
-        for run in leaders:
-            save_png(pca_figure(run.net.backbone, pca_images), student_dir(cfg, run.spec) / "pca_features.png")
-    summary = {
-        "step": step,
-        "total_steps": total_steps(cfg),
-        "output_dir": str(out_dir),
-        "objective": teacher.objective,
-        "teacher_images_per_rank": teacher_images,  # each image once per step over all ranks
-        "global_batch": cfg.data.batch_size * dist_info.world_size,
-        "dense": dense,  # step -> student -> ridge-probe mIoU / pixel accuracy (with --run.dense-every)
-        "students": {
-            spec.name: {
-                "ranks": list(spec.ranks),
-                "losses": last.get(spec.name, {}),
-                "history": history[spec.name],
-                "seconds_per_image": seconds_per_image[spec.index].item(),
-                "param_digests": {str(r): d[spec.name] for r, d in enumerate(digests) if spec.name in d},
-                "folder": str(student_dir(cfg, spec)),
-                "backbone": str(student_dir(cfg, spec) / "backbone.pth"),
-            }
-            for spec in specs
-        },
-    }
-    if dist_info.world_size >= max(len(specs), 2):  # the layout that balances the measured costs on these ranks
-        counts = suggest_rank_counts(seconds_per_image.tolist(), dist_info.world_size)
-        summary["suggested_students"] = ",".join(f"{spec.name}:{n}" for spec, n in zip(specs, counts))
-    if dist_info.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def main(argv: list[str] | None = None) -> None:

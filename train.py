@@ -66,6 +66,7 @@ from models.checkpoint import (
     checkpoint_path_or_error,
     load_backbone,
     read_checkpoint_file,
+    read_sharded_metadata,
     read_weights,
 )
 from models.vit import VIT_ARCHS, VisionTransformer, build_vit
@@ -652,18 +653,10 @@ def load_sharded_checkpoint(path: Path, cfg: TrainConfig, state: TrainState) -> 
     """Restore a run from a sharded checkpoint folder: each rank reads only the pieces of its own shards, whatever
     the number of processes that wrote it (DCP reshards); returns meta.json's entries (with "gram_teacher" when the
     folder holds one). The RNG states are each rank's own when the number of processes is the same."""
-    import json
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    marker = path / runtime.SHARDED_MARKER
-    try:
-        meta = json.loads(marker.read_text())
-        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as err:
-        raise CheckpointError(f"sharded checkpoint {path} is damaged: its {runtime.SHARDED_MARKER} or .metadata "
-                              f"cannot be read ({type(err).__name__}: {err})") from err
+    meta, saved = read_sharded_metadata(path)
     if meta.get("format") != TRAIN_CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a train.py sharded checkpoint (meta.json format {meta.get('format')!r})")
     _check_compatible(meta["config"], cfg, path, "use the same value or another --run.output-dir")

@@ -127,15 +127,12 @@ def read_weights(path: Path) -> dict:
 SHARDED_WEIGHTS = ("student", "teacher", "gram_teacher")
 
 
-def read_sharded_checkpoint(path: Path, parts: tuple[str, ...] = SHARDED_WEIGHTS) -> dict:
-    """A train.py sharded checkpoint folder read whole in this process, without a process group: its meta.json
-    (format, step, config, stats) and the full tensors of `parts`, never the optimizer's -- laid out as a
-    single-file checkpoint, so everything that reads one (backbone_weights, --init-from, distill.py's teacher)
-    reads this too. The one place that reads such a folder outside a training run's own resume."""
+def read_sharded_metadata(path: Path) -> tuple[dict, dict]:
+    """A train.py sharded checkpoint folder's meta.json and DCP's index of what it holds (flat key -> metadata),
+    with a CheckpointError for an unfinished or damaged folder."""
     import json
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     import runtime
 
@@ -144,13 +141,23 @@ def read_sharded_checkpoint(path: Path, parts: tuple[str, ...] = SHARDED_WEIGHTS
         raise CheckpointError(f"{path} is a sharded checkpoint folder without its {runtime.SHARDED_MARKER} (written "
                               "last): its save did not finish; use an earlier checkpoint of the run")
     try:
-        payload = json.loads(marker.read_text())
-        metadata = dcp.FileSystemReader(path).read_metadata()
+        return json.loads(marker.read_text()), dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as err:
         raise CheckpointError(f"sharded checkpoint {path} is damaged: its {runtime.SHARDED_MARKER} or .metadata "
                               f"cannot be read ({type(err).__name__}: {err})") from err
+
+
+def read_sharded_checkpoint(path: Path, parts: tuple[str, ...] = SHARDED_WEIGHTS) -> dict:
+    """A train.py sharded checkpoint folder read whole in this process, without a process group: its meta.json
+    (format, step, config, stats) and the full tensors of `parts`, never the optimizer's -- laid out as a
+    single-file checkpoint, so everything that reads one (backbone_weights, --init-from, distill.py's teacher)
+    reads this too. The one place that reads such a folder outside a training run's own resume."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    payload, saved = read_sharded_metadata(path)
     weights: dict[str, dict] = {}
-    for key, item in metadata.state_dict_metadata.items():
+    for key, item in saved.items():
         part, _, name = key.partition(".")
         if part in parts and isinstance(item, TensorStorageMetadata):
             weights.setdefault(part, {})[name] = torch.empty(item.size, dtype=item.properties.dtype)

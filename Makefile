@@ -1,5 +1,5 @@
 # Two commands matter on a fresh machine with only Python 3.11:
-#   make run    create .venv, install, run the main job on the bundled sample images (CPU, a few minutes)
+#   make run    create .venv, install, run the main job on generated images (CPU, about 5 minutes)
 #   make test   create .venv if needed, run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv

@@ -26,10 +26,10 @@ import torch
 
 from bench.common import REPO_ROOT
 from dense import confusion_matrix, fast_dense_set, pixel_feature_maps, ridge_probe, segmentation_scores
-from train import parse_config, train
+from train import PRESETS, parse_config, train
 
 # (preset, --run.dense-every): a value every ~10 % of each phase.
-PHASES = (("demo", 25), ("demo-gram", 10), ("demo-hrft", 10))
+PHASES = (("demo", 75), ("demo-gram", 10), ("demo-hrft", 10))
 
 
 def run_chain(runs: Path, flags: Sequence[str] = ()) -> None:
@@ -98,7 +98,8 @@ def plot(rows: list[dict], reference: dict[str, float], path: Path) -> None:
     for (name, value), style in zip(reference.items(), (":", "--")):
         ax.axhline(100 * value, color="black", linestyle=style, linewidth=1, label=name)
     ax.set_ylim(0, max(20.0, 110 * max(r["miou"] for r in rows)))
-    ax.set_xlabel("step of the chain (demo 300, then demo-gram 60, then demo-hrft 40)")
+    lengths = ", then ".join(f"{preset} {PRESETS[preset][1].optim.iterations}" for preset, _ in PHASES)
+    ax.set_xlabel(f"step of the chain ({lengths})")
     ax.set_ylabel("ridge-probe mIoU (%)")
     ax.set_title("dense metric of the EMA teacher on generated scenes (11 classes)", fontsize=10)
     ax.grid(alpha=0.3)

@@ -2,7 +2,9 @@
 
 import csv
 
-from bench.bench_learning import pixel_features, run
+import pytest
+
+from bench.bench_learning import learning_config, pixel_features, run, supervised_curve
 
 TOY = ["--data.global-size", "32", "--data.local-size", "16", "--augment.n-local-crops", "2", "--data.batch-size", "4",
        "--data.num-workers", "0", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
@@ -10,15 +12,18 @@ TOY = ["--data.global-size", "32", "--data.local-size", "16", "--augment.n-local
 
 
 def test_learning_curve_rows_csv_and_plot(tmp_path):
-    rows = run("demo", steps=4, eval_every=2, out=tmp_path / "out", overrides=TOY, train_dir=tmp_path / "train")
-    assert [r["curve"] for r in rows] == ["pixels", "initialization", "demo", "demo"]
-    assert [r["step"] for r in rows[1:]] == [0, 2, 4]
+    rows = run("demo", steps=4, eval_every=2, out=tmp_path / "out", overrides=TOY, train_dir=tmp_path / "train",
+               supervised=True)
+    assert [r["curve"] for r in rows] == ["pixels", "initialization", "demo", "demo", "supervised", "supervised"]
+    assert [r["step"] for r in rows[1:]] == [0, 2, 4, 2, 4]
     for row in rows:
         for key in ("knn_top1_k10", "knn_top1_k20", "knn_top5_k20", "linear_top1"):
             assert 0 <= row[key] <= 100, (row["curve"], key)
-    assert rows[-1]["minutes"] >= rows[-2]["minutes"] > 0
+    assert rows[3]["minutes"] >= rows[2]["minutes"] > 0
+    assert rows[5]["minutes"] >= rows[4]["minutes"] > 0
+    assert all(r["loss_supervised"] > 0 for r in rows[4:])
     with (tmp_path / "out" / "learning_curve.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 6
     png = (tmp_path / "out" / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -30,3 +35,9 @@ def test_pixel_baseline_is_pooled_and_centered():
     features = pixel_features(images)
     assert features.shape == (6, 3 * 8 * 8)
     torch.testing.assert_close(features.mean(dim=0), torch.zeros(3 * 8 * 8), atol=1e-5, rtol=0)
+
+
+def test_supervised_reference_needs_the_procedural_labels(tmp_path):
+    cfg = learning_config("demo", 4, 2, tmp_path, [*TOY, "--data.path", str(tmp_path)])
+    with pytest.raises(ValueError, match="procedural"):
+        supervised_curve(cfg, 2, sets=())

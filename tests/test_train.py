@@ -218,3 +218,15 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, parallel
         for key in b[part]:
             worst = max(worst, (a[part][key].float() - b[part][key].float()).abs().max().item())
     assert worst <= 1e-5, worst
+
+
+def test_small_batch_preset_is_vits16_with_the_measured_small_batch_settings():
+    """The settings docs/ablations.md measured at <= 64 images per step, on top of the vits16 schedule."""
+    small, base = train.PRESETS["vits16-small-batch"][1], train.PRESETS["vits16"][1]
+    assert small.data.batch_size <= 64
+    assert (small.optim.lr.peak, small.model.layerscale_init) == (1e-4, 1.0)
+    assert small.loss.centering == "sinkhorn_knopp" and small.loss.koleo_weight > 0
+    assert small.model.dino_prototypes == small.model.ibot_prototypes == 4096
+    assert small.optim.iterations == base.optim.iterations
+    assert small.optim.lr.warmup_iterations == base.optim.lr.warmup_iterations
+    train.validate_config(small, world_size=1)

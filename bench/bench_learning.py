@@ -6,11 +6,12 @@ steps that fits in about 15 minutes on a 2-core CPU. Every `--eval-every` steps 
 training, each checkpoint's EMA teacher is measured on the labeled procedural set (1000 train / 500 val images,
 10 classes, chance 10 %): k-NN top-1 / top-5 (class token, k = 10 and 20) and the linear probe (class token +
 mean patch token). Baselines on the same images: the network at initialization and raw pixels (4x4
-average-pooled, centered, cosine k-NN). Training time per checkpoint comes from the checkpoint files' times
-(evaluation is not part of it).
+average-pooled, centered, cosine k-NN); with --supervised also the reference from above, the same network trained
+for as many steps with the pretraining images' labels. Training time per checkpoint comes from the checkpoint
+files' times (evaluation is not part of it).
 
     python -m bench.bench_learning                       # the full curve -> runs/bench_learning/
-    python -m bench.bench_learning --out docs            # what the README shows (docs/learning_curve.*)
+    python -m bench.bench_learning --out docs --supervised   # what the README shows (docs/learning_curve.*)
     python -m bench.bench_learning --steps 300 --eval-every 150 --override --optim.lr.peak 3e-4   # an ablation
     pytest bench/bench_learning.py -s -m slow            # the same full curve, printed
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 import runtime
 from bench.common import REPO_ROOT, report
 from data.augment import CropSizes, MultiCropAugmentation, sample_rng
-from data.datasets import build_dataset
+from data.datasets import ImageDataset, build_dataset
 from probes import (
     knn_topk_accuracy,
     linear_probe,
@@ -95,6 +96,7 @@ def teacher_backbone(cfg: TrainConfig, checkpoint: Path | None) -> torch.nn.Modu
 def learning_curve(cfg: TrainConfig, label: str = "run", supervised: bool = False) -> list[dict]:
     """Train `cfg` on the unlabeled procedural images, then measure every kept checkpoint; rows of the curve
     (baselines first: step None), then (`supervised`) those of the supervised reference."""
+    labeled_images = labeled_pretraining_images(cfg) if supervised else None  # fails before any training
     out_dir = Path(cfg.run.output_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     sets = load_procedural_sets(LABELED_TRAIN, LABELED_VAL, size=cfg.data.global_size, n_classes=10)
@@ -111,25 +113,29 @@ def learning_curve(cfg: TrainConfig, label: str = "run", supervised: bool = Fals
         row.update({f"loss_{name}": terms[name][step - 1] for name in ("dino", "ibot", "koleo")})
         rows.append(row)
     if supervised:
-        rows += supervised_curve(cfg, cfg.run.checkpoint_every, sets)
+        rows += supervised_curve(cfg, labeled_images, cfg.run.checkpoint_every, sets)
     return rows
 
 
-def supervised_curve(cfg: TrainConfig, eval_every: int, sets: tuple) -> list[dict]:
+def labeled_pretraining_images(cfg: TrainConfig) -> ImageDataset:
+    """The run's pretraining images with their labels: only the procedural ones have labels."""
+    if cfg.data.path != "procedural":
+        raise ValueError(f"the supervised reference needs the procedural pretraining images (their labels), "
+                         f"got --data.path {cfg.data.path!r}; drop --supervised or train on procedural images")
+    return build_dataset(cfg.data.path)
+
+
+def supervised_curve(cfg: TrainConfig, images: ImageDataset, eval_every: int, sets: tuple) -> list[dict]:
     """The reference from above: the same network at the same initialization, trained for as many steps on as
     many images per step with the pretraining images' labels (cross-entropy of a linear classifier on the class
     token; one global crop per image from the run's augmentation; AdamW at SUPERVISED_LR and the run's weight
     decay, constant), measured like the run every `eval_every` steps. It says how much of the labeled task
     this network can learn in the budget at all."""
-    if cfg.data.path != "procedural":
-        raise ValueError(f"the supervised reference needs the procedural pretraining images (their labels), "
-                         f"got --data.path {cfg.data.path!r}")
     runtime.seed_everything(cfg.run.seed)
     backbone = build_student_teacher(cfg.model)[0].backbone.train()
     classifier = torch.nn.Linear(backbone.embed_dim, 10)
     optimizer = torch.optim.AdamW([*backbone.parameters(), *classifier.parameters()], lr=SUPERVISED_LR,
                                   weight_decay=cfg.optim.weight_decay.peak)
-    images = build_dataset(cfg.data.path)
     augment = MultiCropAugmentation(dataclasses.replace(cfg.augment, n_local_crops=0))
     sizes = CropSizes(cfg.data.global_size, cfg.data.local_size)
     rows, trained_seconds, position = [], 0.0, 0

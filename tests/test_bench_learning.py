@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from bench.bench_learning import learning_config, pixel_features, run, supervised_curve
+from bench.bench_learning import labeled_pretraining_images, learning_config, pixel_features, run
 
 TOY = ["--data.global-size", "32", "--data.local-size", "16", "--augment.n-local-crops", "2", "--data.batch-size", "4",
        "--data.num-workers", "0", "--model.kernel-impl", "reference", "--model.attn-impl", "sdpa",
@@ -40,4 +40,7 @@ def test_pixel_baseline_is_pooled_and_centered():
 def test_supervised_reference_needs_the_procedural_labels(tmp_path):
     cfg = learning_config("demo", 4, 2, tmp_path, [*TOY, "--data.path", str(tmp_path)])
     with pytest.raises(ValueError, match="procedural"):
-        supervised_curve(cfg, 2, sets=())
+        labeled_pretraining_images(cfg)
+    with pytest.raises(ValueError, match="procedural"):  # before any training: the folder holds no image
+        run("demo", 4, 2, tmp_path / "out", [*TOY, "--data.path", str(tmp_path)], train_dir=tmp_path / "train",
+            supervised=True)

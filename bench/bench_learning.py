@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 import runtime
 from bench.common import REPO_ROOT, report
-from data.augment import CropSizes, MultiCropAugmentation, sample_rng
-from data.datasets import ImageDataset, build_dataset
+from data.augment import CropSizes, MultiCropAugmentation
+from data.datasets import ImageDataset, MultiCropDataset, build_dataset
 from probes import (
     knn_topk_accuracy,
     linear_probe,
@@ -136,16 +136,16 @@ def supervised_curve(cfg: TrainConfig, images: ImageDataset, eval_every: int, se
     classifier = torch.nn.Linear(backbone.embed_dim, 10)
     optimizer = torch.optim.AdamW([*backbone.parameters(), *classifier.parameters()], lr=SUPERVISED_LR,
                                   weight_decay=cfg.optim.weight_decay.peak)
-    augment = MultiCropAugmentation(dataclasses.replace(cfg.augment, n_local_crops=0))
-    sizes = CropSizes(cfg.data.global_size, cfg.data.local_size)
+    samples = MultiCropDataset(images, MultiCropAugmentation(dataclasses.replace(cfg.augment, n_local_crops=0)),
+                               cfg.run.seed, CropSizes(cfg.data.global_size, cfg.data.local_size))
     rows, trained_seconds, position = [], 0.0, 0
     for step in range(1, cfg.optim.iterations + 1):
         start = time.time()
         crops, labels = [], []
         for _ in range(cfg.data.batch_size):
-            image, label = images.load(position % len(images))
-            crops.append(augment(image, sample_rng(cfg.run.seed, position), sizes)["global_crops"][0])
-            labels.append(label)
+            sample = samples[(position % len(images), position)]
+            crops.append(sample["global_crops"][0])
+            labels.append(sample["label"])
             position += 1
         logits = classifier(backbone(torch.stack(crops))["x_norm_clstoken"])
         loss = F.cross_entropy(logits, torch.tensor(labels))

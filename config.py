@@ -15,8 +15,8 @@ import tyro
 
 from data.augment import AugmentConfig, CropSizes
 from data.masking import MaskingCollate
-from kernels.common import KernelImpl
-from kernels.sinkhorn import SINKHORN_ITERATIONS
+from dino_kernels.common import KernelImpl
+from dino_kernels.sinkhorn import SINKHORN_ITERATIONS
 from losses.dino import CENTER_MOMENTUM
 from losses.gram import GramTokens, ResizeMode
 from models.vit import VIT_ARCHS, AttnImpl

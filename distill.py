@@ -84,7 +84,7 @@ from data.datasets import ImageDataset, build_dataset, build_loader
 from data.masking import ibot_mask_weights
 from dense import DenseSet, dense_metric, fast_dense_set, log_dense_metric, write_dense_metric
 from figures import pca_figure, save_png
-from kernels.common import KernelImpl
+from dino_kernels.common import KernelImpl
 from models.checkpoint import (
     DISTILL_FORMAT,
     TRAIN_CHECKPOINT_FORMAT,

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from bench.common import peak_rss_of, report, requires_cuda, time_call
-from kernels.gram import gram_loss, gram_loss_reference
+from dino_kernels.gram import gram_loss, gram_loss_reference
 
 B = 4
 SIZES = [(P, d) for d in (384, 1024) for P in (256, 1024, 2304, 4096)]
@@ -40,7 +40,7 @@ TARGET = {"P": 4096, "d": 384, "speedup": 8.0, "memory_ratio": 4.0}  # the issue
 
 # Imports and inputs first, measured alone, so the figures are the memory the forward + backward itself needs.
 _SETUP = """
-from kernels.gram import gram_loss, gram_loss_reference
+from dino_kernels.gram import gram_loss, gram_loss_reference
 g = torch.Generator().manual_seed(0)
 student = torch.randn({B}, {P}, {d}, generator=g).requires_grad_(True)
 teacher = torch.randn({B}, {P}, {d}, generator=g)

@@ -4,7 +4,7 @@ The issue's CPU case: vit_tiny, batch 2, 2 x 512 px global crops (1024 patches e
 image, the Gram teacher on 2 x 1024 px crops (4096 patches, resampled to the student's 32 x 32 grid), demo-sized
 heads. A step is everything train.py does: EMA teacher, Gram teacher and student forwards, Sinkhorn, DINO + iBOT
 + KoLeo + 2 x Gram, backward, AdamW, EMA. The two variants differ only in the Gram loss: `gram_loss` (fused,
-kernels/gram.py) or `gram_loss_reference` (both P x P Gram matrices in full, as the official code).
+dino_kernels/gram.py) or `gram_loss_reference` (both P x P Gram matrices in full, as the official code).
 
 Each variant runs in a fresh process (one warm-up step, then the best of 3 timed steps); the peak is the increase
 of the process's resident-memory high-water mark over the whole snippet (model, batch and activations included),
@@ -24,7 +24,7 @@ import train
 import losses.gram
 from data.augment import AugmentConfig, CropSizes
 from data.datasets import SampleImagesDataset, build_loader
-from kernels.gram import gram_loss_reference
+from dino_kernels.gram import gram_loss_reference
 
 if {materializing}:
     def materializing(student, teacher, normalize, remove_neg, img_level, impl):

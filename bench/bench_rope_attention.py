@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from bench.common import matmul_peak_gflops, report, requires_cuda
-from kernels.rope_attention import rope_attention
+from dino_kernels.rope_attention import rope_attention
 from models.rope import Rope, augment_coords, patch_coords, rope_angles, rope_periods
 from models.vit import attention
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from bench.common import peak_rss_of, report, requires_cuda, time_call
-from kernels.sinkhorn import sinkhorn_knopp
+from dino_kernels.sinkhorn import sinkhorn_knopp
 
 CASES = [(16, 262144), (64, 65536), (64, 262144), (256, 65536), (256, 262144)]
 CASE_IDS = [f"B{b}-K{k}" for b, k in CASES]
@@ -84,7 +84,7 @@ def peak_memory_of(call: str, n_samples: int, n_protos: int, dtype: str, device:
     """
     code = f"""
 from bench.bench_sinkhorn import bench_logits, official_sinkhorn, TEMPERATURE
-from kernels.sinkhorn import sinkhorn_knopp
+from dino_kernels.sinkhorn import sinkhorn_knopp
 def _resident_high_water_kib():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))

@@ -7,7 +7,7 @@
 For each kernel x config x architecture x dtype (bf16, fp16, fp32) x head dim (64, 128; attention only) it prints
 shared memory against the architecture's limit, registers and spill bytes per thread (ptxas -v), or the compile
 error. The variants come from calling the public ops (forward and backward) on small CPU tensors inside
-kernels.aot.compile_only, so they are exactly what the dispatch launches. tests/test_compile.py checks the
+dino_kernels.aot.compile_only, so they are exactly what the dispatch launches. tests/test_compile.py checks the
 dispatchable set on every commit; this script is the same sweep with the table printed.
 """
 
@@ -37,18 +37,18 @@ KERNEL_GROUPS = ("attention", "sinkhorn", "gram")
 def compile_cases(arch: int, all_configs: bool, group: str, dtype_name: str, variant: str = "") -> list[dict]:
     """Compile what one op dispatches for `arch` and one input dtype (every autotune config with all_configs).
 
-    variant: for attention "D=<head dim> <rope mode>". One dict per compiled variant (kernels.aot.Variant fields
+    variant: for attention "D=<head dim> <rope mode>". One dict per compiled variant (dino_kernels.aot.Variant fields
     plus `fits`; meta["case"] names the case). The inputs mirror real calls (contiguous gradients, qkv views), so
     the compiled binaries are the ones Triton's cache serves to training at any batch, head count and length.
     """
     import torch
 
-    from kernels.aot import compile_only
+    from dino_kernels.aot import compile_only
 
     dtype = getattr(torch, dtype_name)
     with compile_only(arch, all_configs=all_configs) as variants:
         if group == "attention":
-            from kernels.rope_attention import rope_attention
+            from dino_kernels.rope_attention import rope_attention
 
             head_dim, rope_mode = int(variant.split()[0].removeprefix("D=")), variant.split()[1]
             n_tokens, n_prefix, heads = 70, 5, 2
@@ -57,12 +57,12 @@ def compile_cases(arch: int, all_configs: bool, group: str, dtype_name: str, var
             out = rope_attention(*qkv.unbind(2), coords, periods, n_prefix, rope_mode=rope_mode)
             out.backward(torch.randn_like(out))
         elif group == "sinkhorn":
-            from kernels.sinkhorn import sinkhorn_knopp
+            from dino_kernels.sinkhorn import sinkhorn_knopp
 
             for shape in SINKHORN_SHAPES:
                 sinkhorn_knopp(torch.randn(*shape, dtype=dtype), 0.07)
         elif group == "gram":
-            from kernels.gram import gram_loss
+            from dino_kernels.gram import gram_loss
 
             remove_neg = variant == "remove_neg"
             student = torch.randn(2, 70, 48, dtype=dtype, requires_grad=True)
@@ -110,7 +110,7 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_B", "BLOCK_K", "BLOCK_P", "BLOCK_DO")
 
 
 def format_row(r: dict) -> str:
-    from kernels.common import SHARED_MEMORY_LIMITS
+    from dino_kernels.common import SHARED_MEMORY_LIMITS
 
     tiles = ",".join(f"{k[6:]}={r['meta'][k]}" for k in _TILE_KEYS if k in r["meta"])
     what = f"sm_{r['arch']} {r['meta'].get('case', ''):<30} {r['meta'].get('dtype', ''):<8} {r['kernel']:<24}"

@@ -100,7 +100,7 @@ def copy_bandwidth_gbps(device: str) -> float:
 
 def attention_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
     from bench.bench_rope_attention import N_PREFIX, forward_flops, make_problem
-    from kernels.rope_attention import rope_attention
+    from dino_kernels.rope_attention import rope_attention
     from models.vit import attention
 
     device = timer.device
@@ -197,7 +197,7 @@ def _add_ratios(rows: list[dict], group: tuple, who: str, baseline: str, field: 
 
 def sinkhorn_section(timer: Timer, dry_run: bool, bandwidth_gbps: float, quick: bool = False) -> list[dict]:
     from bench.bench_sinkhorn import N_ITER, TEMPERATURE, bench_logits, official_bytes, official_sinkhorn, triton_bytes
-    from kernels.sinkhorn import sinkhorn_knopp
+    from dino_kernels.sinkhorn import sinkhorn_knopp
 
     device = timer.device
     shapes = [(4096, 65536), (64, 65536), (256, 262144), (16, 262144)] if not dry_run else [(16, 300), (5, 1000)]
@@ -229,7 +229,7 @@ def sinkhorn_section(timer: Timer, dry_run: bool, bandwidth_gbps: float, quick: 
 
 
 def gram_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
-    from kernels.gram import gram_loss
+    from dino_kernels.gram import gram_loss
 
     device = timer.device
     batch = 4 if not dry_run else 2

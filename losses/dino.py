@@ -13,7 +13,7 @@ local-crop and global-crop means separately and recombines them with weights pro
 counts (which gives the same number at loss weight 1). Both means are returned for logging.
 
 Teacher targets p are computed by `teacher_probs` from the teacher head's scores: Sinkhorn-Knopp centering
-(kernels/sinkhorn.py), or softmax((scores - center) / teacher_temp) with a center that follows an EMA of the batch
+(dino_kernels/sinkhorn.py), or softmax((scores - center) / teacher_temp) with a center that follows an EMA of the batch
 mean of teacher scores. The temperatures, iteration count, momentum and the weights of the objective's terms are
 config values (config.LossConfig, config.TeacherConfig), not restated here.
 
@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.common import KernelImpl, reduction_group
-from kernels.sinkhorn import SINKHORN_ITERATIONS, sinkhorn_knopp
+from dino_kernels.common import KernelImpl, reduction_group
+from dino_kernels.sinkhorn import SINKHORN_ITERATIONS, sinkhorn_knopp
 
 CENTER_MOMENTUM = 0.9  # softmax centering's EMA of the teacher logits (DINOv1/v2)
 

@@ -8,7 +8,7 @@ applied, as in the official code) are compared with the Gram teacher's patch tok
 The Gram teacher is a frozen earlier copy of the EMA teacher (train.py creates and refreshes it). With the
 high-resolution variant it sees each global crop's region at a larger size (2x by default); its patch map is
 then resampled to the student's grid (bicubic, as the paper) before the Gram matrices are compared, which
-smooths it (paper section 4.3). The loss itself is the fused kernel of kernels/gram.py: no P x P matrix.
+smooths it (paper section 4.3). The loss itself is the fused kernel of dino_kernels/gram.py: no P x P matrix.
 
 `tokens_used` picks the patches that enter the loss: "all" (the recipe), or only the patches the student saw
 "masked" / "unmasked". Those subsets differ in size per image, so they form one Gram matrix over the batch
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.common import KernelImpl
-from kernels.gram import gram_loss
+from dino_kernels.common import KernelImpl
+from dino_kernels.gram import gram_loss
 
 GramTokens = Literal["all", "masked", "unmasked"]
 ResizeMode = Literal["bicubic", "bilinear", "nearest-exact", "area"]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.common import reduction_group
+from dino_kernels.common import reduction_group
 
 LOG_EPS = 1e-8  # inside the log: identical points give a large but finite loss
 NORMALIZE_EPS = 1e-8

@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-# The rotation is the attention kernel's reference math (models import kernels, never the reverse).
-from kernels.rope_attention import apply_rope, rope_angles
+# The rotation is the attention kernel's reference math (models import dino_kernels, never the reverse).
+from dino_kernels.rope_attention import apply_rope, rope_angles
 
 CoordNormalization = Literal["separate", "min", "max"]
 

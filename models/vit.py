@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rope_attention import rope_attention, uses_triton
+from dino_kernels.rope_attention import rope_attention, uses_triton
 from models.rope import CoordNormalization, Rope, RopeEmbedding, rope_tokens
 
-# "auto", "triton", "reference": kernels.rope_attention's dispatch; "sdpa", "xformers": other backends.
+# "auto", "triton", "reference": dino_kernels.rope_attention's dispatch; "sdpa", "xformers": other backends.
 AttnImpl = Literal["auto", "triton", "reference", "sdpa", "xformers"]
 FfnKind = Literal["mlp", "swiglu"]
 
@@ -123,7 +123,7 @@ def attention(
 
     q, k, v are typically strided views of the qkv projection's [B, N, 3, H, D] output. RoPE rotates the
     tokens after the first `n_prefix` (class + registers).
-    impl: "triton" and "reference" are `kernels.rope_attention.rope_attention`'s. "sdpa" (RoPE in PyTorch,
+    impl: "triton" and "reference" are `dino_kernels.rope_attention.rope_attention`'s. "sdpa" (RoPE in PyTorch,
     float32, then `scaled_dot_product_attention`) and "xformers" (RoPE in PyTorch, then
     `memory_efficient_attention`; CUDA only) are other backends. "auto" is the kernel where its dispatch runs
     Triton on a GPU and SDPA everywhere else.

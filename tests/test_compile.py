@@ -2,7 +2,7 @@
 
 The interpreter that runs the other kernel tests accepts programs a GPU rejects (too much shared memory, register
 spills that make a kernel crawl). This module compiles, ahead of time with Triton's own ptxas, exactly what the
-public ops launch (bench/compile_sweep.py: forward and backward on small CPU tensors under kernels.aot), for
+public ops launch (bench/compile_sweep.py: forward and backward on small CPU tensors under dino_kernels.aot), for
 bf16 / fp16 / fp32 inputs and head dims 64 and 128, and checks each variant against the architecture's limits.
 The sweep runs once per session in a subprocess (kernels cannot be compiled while TRITON_INTERPRET is set).
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from kernels.common import SHARED_MEMORY_LIMITS
+from dino_kernels.common import SHARED_MEMORY_LIMITS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # fp32 attention runs tf32x3 dots (three MMAs per product, both operand halves in registers): its tiles are
-# the least-spilling shapes found (kernels/rope_attention.py), within this stack frame per thread. A larger frame
+# the least-spilling shapes found (dino_kernels/rope_attention.py), within this stack frame per thread. A larger frame
 # means ptxas gave up on the registers (one shape fell to 32 registers and 7.5 KB of stack on sm_80).
 FP32_ATTENTION_MAX_SPILL_BYTES = 4096
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.common import interpreting
+from dino_kernels.common import interpreting
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,7 +51,7 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("name,batch,heads,side,head_dim", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
 def test_rope_attention_matches_float64(name, batch, heads, side, head_dim, dtype, rope_mode):
-    from kernels.rope_attention import rope_attention, rope_attention_reference
+    from dino_kernels.rope_attention import rope_attention, rope_attention_reference
     from models.rope import augment_coords, patch_coords, rope_periods
 
     n_prefix = 5
@@ -79,7 +79,7 @@ def test_rope_attention_matches_float64(name, batch, heads, side, head_dim, dtyp
 def test_wide_attention_on_gpu(dtype):
     """fp32/fp64 on CUDA: while FP32_TRITON_ON_GPU is off, "auto" runs the reference and a forced Triton call
     refuses clearly; once it is on, the forced Triton call must match float64."""
-    from kernels import rope_attention as module
+    from dino_kernels import rope_attention as module
     from models.rope import patch_coords, rope_periods
 
     coords, periods = patch_coords(16, 16).cuda(), rope_periods(64).float().cuda()
@@ -126,7 +126,7 @@ def test_vit_triton_attention_matches_sdpa_on_gpu():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", [(1029, 65536), (16, 262144), (61, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sinkhorn_matches_float64(shape, dtype):
-    from kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
+    from dino_kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 
     logits = (torch.randn(*shape, generator=_generator(shape[1]), device="cuda") * 3.0).to(dtype)
     out = sinkhorn_knopp(logits, 0.07, impl="triton")
@@ -137,7 +137,7 @@ def test_sinkhorn_matches_float64(shape, dtype):
 
 
 def test_sinkhorn_padding_rows_on_gpu():
-    from kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
+    from dino_kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 
     logits = torch.randn(300, 65536, generator=_generator(3), device="cuda", dtype=torch.bfloat16)
     out = sinkhorn_knopp(logits, 0.07, n_valid=257, impl="triton")
@@ -158,7 +158,7 @@ GRAM_ALGORITHMS = [("tiled", False), ("tiled", True), ("dspace", False), ("auto"
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("P,d", [(1029, 384), (4096, 1024)], ids=lambda v: str(v))
 def test_gram_loss_matches_float64(P, d, dtype, algorithm, remove_neg):
-    from kernels.gram import gram_loss, gram_loss_reference
+    from dino_kernels.gram import gram_loss, gram_loss_reference
 
     gen = _generator(P + d)
     student = torch.randn(2, P, d, generator=gen, device="cuda").to(dtype)
@@ -176,7 +176,7 @@ def test_gram_loss_matches_float64(P, d, dtype, algorithm, remove_neg):
 @pytest.mark.parametrize("remove_neg", [False, True])
 def test_gram_loss_pytorch_tiles_on_gpu(remove_neg):
     """The PyTorch slab version of the tiled algorithm on CUDA tensors (a dispatch candidate on GPUs)."""
-    from kernels.gram import gram_loss, gram_loss_reference
+    from dino_kernels.gram import gram_loss, gram_loss_reference
 
     gen = _generator(7)
     student = torch.randn(2, 1029, 384, generator=gen, device="cuda")

@@ -5,8 +5,8 @@ TRITON_INTERPRET=1), the PyTorch slabs and the d-space identity; the d-space acc
 import pytest
 import torch
 
-import kernels.gram
-from kernels.gram import (
+import dino_kernels.gram
+from dino_kernels.gram import (
     DSPACE_MAX_REL_ERROR,
     dspace_loss_sum,
     gram_loss,
@@ -267,11 +267,11 @@ def test_each_impl_runs_its_own_code(impl, interpreted, monkeypatch):
     calls = []
     for name in ("tiled_loss_sum_triton", "tiled_loss_sum_torch", "dspace_loss_sum", "gram_loss_reference"):
 
-        def counted(*args, _name=name, _original=getattr(kernels.gram, name), **kwargs):
+        def counted(*args, _name=name, _original=getattr(dino_kernels.gram, name), **kwargs):
             calls.append(_name)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(kernels.gram, name, counted)
+        monkeypatch.setattr(dino_kernels.gram, name, counted)
     student, teacher = features(2, 20, 40, seed=24), features(2, 20, 40, seed=25)
     if impl == "triton" and not interpreted:
         with pytest.raises(RuntimeError, match="impl='triton' was forced"):

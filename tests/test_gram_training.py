@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import kernels.gram
+import dino_kernels.gram
 import train
 from config import LossConfig
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
@@ -41,7 +41,7 @@ def test_gram_module_equals_the_materializing_formula_and_never_trains_the_teach
     student = torch.randn(6, 35, 24, dtype=torch.float64, requires_grad=True)  # 5 x 7 grid
     teacher = torch.randn(6, 35, 24, dtype=torch.float64, requires_grad=True)
     loss = GramAnchoringLoss(impl="reference")(student, teacher, (5, 7), (5, 7))
-    expected = kernels.gram.gram_loss_reference(student, teacher)
+    expected = dino_kernels.gram.gram_loss_reference(student, teacher)
     assert abs(loss.item() - expected.item()) / expected.item() < 1e-6
     loss.backward()
     assert teacher.grad is None and student.grad is not None
@@ -50,7 +50,7 @@ def test_gram_module_equals_the_materializing_formula_and_never_trains_the_teach
     for tokens, keep in (("masked", masks), ("unmasked", ~masks)):
         module = GramAnchoringLoss(tokens_used=tokens, img_level=False, impl="reference")
         value = module(student, teacher, (5, 7), (5, 7), masks)
-        reference = kernels.gram.gram_loss_reference(student[keep][None], teacher[keep][None])
+        reference = dino_kernels.gram.gram_loss_reference(student[keep][None], teacher[keep][None])
         assert abs(value.item() - reference.item()) / reference.item() < 1e-6
     with pytest.raises(ValueError, match="img_level=False"):
         GramAnchoringLoss(tokens_used="masked")
@@ -237,17 +237,17 @@ def test_gram_teacher_changes_only_on_schedule_and_never_gets_gradients(tmp_path
 
 
 def test_refinement_and_high_resolution_run_is_stable_through_the_fused_kernel(tmp_path, monkeypatch):
-    """Gram teacher on 2x crops (the size triple drawn per step), loss from kernels/gram.py's Triton tiles (run by
+    """Gram teacher on 2x crops (the size triple drawn per step), loss from dino_kernels/gram.py's Triton tiles (run by
     the interpreter here), never the materializing formula; every term finite and logged."""
     calls = collections.Counter()
     for name in ("tiled_loss_sum_triton", "gram_loss_reference"):
-        original = getattr(kernels.gram, name)
+        original = getattr(dino_kernels.gram, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(kernels.gram, name, counted)
+        monkeypatch.setattr(dino_kernels.gram, name, counted)
     init = tiny_config(tmp_path / "pretrain", "--optim.iterations", "2", "--data.batch-size", "4")
     train.train(init, procedural(n=40))
     cfg = gram_config(

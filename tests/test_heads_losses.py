@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from data.masking import ibot_mask_weights
-from kernels.sinkhorn import sinkhorn_knopp_reference
+from dino_kernels.sinkhorn import sinkhorn_knopp_reference
 from losses.dino import DINOLoss
 from losses.ibot import IBOTLoss
 from models.heads import DINOHead

@@ -23,7 +23,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def first_party(path: Path) -> set[str]:
-    return {m.split(".")[0] for m in imported_modules(path)} & {*ENTRY_POINTS, *SHARED, "kernels", "models", "losses",
+    return {m.split(".")[0] for m in imported_modules(path)} & {*ENTRY_POINTS, *SHARED, "dino_kernels", "models", "losses",
                                                                   "data"}
 
 
@@ -34,15 +34,15 @@ def test_every_root_module_is_classified():
 
 
 def test_kernels_import_nothing_above_them():
-    for path in sorted((REPO / "kernels").glob("*.py")):
-        bad = first_party(path) - {"kernels"}
-        assert not bad, f"kernels/{path.name} imports {sorted(bad)}: kernels sit below every other layer"
+    for path in sorted((REPO / "dino_kernels").glob("*.py")):
+        bad = first_party(path) - {"dino_kernels"}
+        assert not bad, f"dino_kernels/{path.name} imports {sorted(bad)}: kernels sit below every other layer"
 
 
 def test_models_losses_and_data_import_only_kernels_and_each_other():
     for folder in ("models", "losses", "data"):
         for path in sorted((REPO / folder).glob("*.py")):
-            bad = first_party(path) - {"kernels", "models", "losses", "data", "runtime"}
+            bad = first_party(path) - {"dino_kernels", "models", "losses", "data", "runtime"}
             assert not bad, f"{folder}/{path.name} imports {sorted(bad)}, which sit above it"
 
 

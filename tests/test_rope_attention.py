@@ -9,7 +9,7 @@ the kernels never write makes the error NaN and the test fail.
 import pytest
 import torch
 
-from kernels.rope_attention import RopeAttentionFunction, rope_attention, rope_attention_reference, uses_triton
+from dino_kernels.rope_attention import RopeAttentionFunction, rope_attention, rope_attention_reference, uses_triton
 from models.rope import augment_coords, patch_coords, rope_periods
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -134,7 +134,7 @@ def test_gradcheck_float64(n_prefix, jitter, prerotate):
 
 def test_auto_runs_the_kernel_under_the_interpreter_and_the_reference_on_cpu_without_it(monkeypatch):
     """Which path "auto" takes on CPU tensors, observed by recording the calls of both."""
-    import kernels.rope_attention as module
+    import dino_kernels.rope_attention as module
 
     calls = []
     reference, kernel = module.rope_attention_reference, module.RopeAttentionFunction.apply

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.bench_sinkhorn import official_sinkhorn
-from kernels import sinkhorn
-from kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
+from dino_kernels import sinkhorn
+from dino_kernels.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 from tests.helpers import free_port
 
 IMPLS = ["reference", "triton"]

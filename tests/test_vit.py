@@ -4,7 +4,7 @@ checks."""
 import pytest
 import torch
 
-from kernels.rope_attention import rope_attention, rope_attention_reference
+from dino_kernels.rope_attention import rope_attention, rope_attention_reference
 from models.rope import RopeEmbedding
 from models.vit import VIT_ARCHS, attention, build_vit
 

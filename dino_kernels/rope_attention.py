@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (
+from dino_kernels.common import (
     KernelImpl,
     interpreting,
     launch,
@@ -74,14 +74,14 @@ def runs_on_gpu(dtype: torch.dtype) -> bool:
 
 
 def uses_triton(q: torch.Tensor, impl: KernelImpl) -> bool:
-    """`rope_attention`'s dispatch for inputs like q: kernels.common's rule, except that CUDA inputs of a dtype
+    """`rope_attention`'s dispatch for inputs like q: dino_kernels.common's rule, except that CUDA inputs of a dtype
     the kernel does not take there (`runs_on_gpu`) run the reference under "auto" and raise under "triton"."""
     runs = use_triton(q, impl, "rope_attention")
     if runs and q.is_cuda and not runs_on_gpu(q.dtype):
         if impl == "triton":
             raise RuntimeError(
                 f"rope_attention: the Triton kernel is disabled for {q.dtype} on GPUs (its first GPU run hit an "
-                "illegal memory access; see FP32_TRITON_ON_GPU in kernels/rope_attention.py); use bf16/fp16 inputs "
+                "illegal memory access; see FP32_TRITON_ON_GPU in dino_kernels/rope_attention.py); use bf16/fp16 inputs "
                 "(autocast) or impl='reference'"
             )
         return False

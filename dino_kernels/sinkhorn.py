@@ -58,7 +58,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels.common import KernelImpl, interpreting, launch, new_buffer, reduction_group, use_triton
+from dino_kernels.common import KernelImpl, interpreting, launch, new_buffer, reduction_group, use_triton
 
 SINKHORN_ITERATIONS = 3  # DINOv3's recipe; train.py's loss.sinkhorn_iterations defaults to it
 
@@ -565,7 +565,7 @@ def _launch_split_sizes(n_rows: int, n_cols: int, device: torch.device) -> tuple
                             2 * _INTERPRETER_BLOCKS["BLOCK_K"])
     if device.type == "cuda":
         n_sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:  # compile-only runs (kernels.aot) have CPU tensors: size the grids as for an H100
+    else:  # compile-only runs (dino_kernels.aot) have CPU tensors: size the grids as for an H100
         n_sms = 132
     return _split_sizes(n_rows, n_cols, _PROGRAMS_PER_SM * n_sms, _ROW_SPLIT_UNIT, _COL_SPLIT_UNIT)
 

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.common import (
+from dino_kernels.common import (
     KernelImpl,
     compute_capability,
     interpreting,

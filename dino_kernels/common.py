@@ -13,7 +13,7 @@ KernelImpl = Literal["auto", "triton", "reference"]
 # Shared memory one program may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability major*10+minor.
 SHARED_MEMORY_LIMITS = {90: 232448, 80: 166912, 86: 101376, 87: 166912, 89: 101376}
 
-# Set by kernels.aot.compile_only(): launches compile for that architecture instead of running (no GPU needed).
+# Set by dino_kernels.aot.compile_only(): launches compile for that architecture instead of running (no GPU needed).
 _compile_only_hook: Callable | None = None
 _compile_only_arch: int | None = None
 
@@ -62,7 +62,7 @@ def use_triton(x: torch.Tensor, impl: KernelImpl, op: str) -> bool:
 
 
 def compute_capability(device: torch.device | None = None) -> int:
-    """major*10 + minor of the GPU the kernels are launched (or, under kernels.aot, compiled) for."""
+    """major*10 + minor of the GPU the kernels are launched (or, under dino_kernels.aot, compiled) for."""
     if _compile_only_arch is not None:
         return _compile_only_arch
     major, minor = torch.cuda.get_device_capability(device)
@@ -95,7 +95,7 @@ def launch(kernel, grid, *args, interpreter_blocks: dict | None = None, **conste
     """Launch a Triton kernel (plain or `triton.autotune`d) over `grid` (a tuple, or a function of the meta-params).
 
     Under the interpreter an autotuned kernel runs bare with `interpreter_blocks` (its tile sizes there: small and
-    fixed); under kernels.aot.compile_only() every config the autotune prune keeps is compiled, nothing runs.
+    fixed); under dino_kernels.aot.compile_only() every config the autotune prune keeps is compiled, nothing runs.
     """
     if interpreting():
         bare = getattr(kernel, "fn", kernel) if hasattr(kernel, "configs") else kernel

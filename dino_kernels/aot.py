@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of this package's Triton kernels for a chosen GPU architecture, with no GPU present.
 
 Inside `compile_only(arch)`, Triton's active driver is replaced by one that reports `arch` as the current target
-and every `kernels.common.launch` compiles instead of running: an autotuned kernel compiles each config its
+and every `dino_kernels.common.launch` compiles instead of running: an autotuned kernel compiles each config its
 prune keeps (or all of them with `all_configs=True`), so calling a public op (forward and backward) on small CPU
 tensors compiles exactly what the op would dispatch on that GPU. Each compiled variant is recorded with its shared
 memory (Triton's metadata), registers and stack bytes per thread (the cubin's resource usage, read with the
@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
-from kernels import common
+from dino_kernels import common
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ tokens] after the norm (Hugging Face does not resize to the 16-px grid).
 Verification (on by default, --no-verify skips it): the ONNX file runs in onnxruntime (CPU) and the Hugging Face
 folder in transformers at --verify-sizes, on random images, against the PyTorch model; every output's relative
 error |out - ref| / |ref| must be at most 1e-4 (ONNX) or 1e-5 (Hugging Face), and the folder must load with no
-missing or unexpected keys. The optional packages are in requirements-export.txt.
+missing or unexpected keys. The optional packages are in requirements/export.txt.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from models.checkpoint import (
 from models.convnext import MIN_INPUT_SIZE, ConvNeXt
 from models.vit import VisionTransformer
 
-REQUIREMENTS = "requirements-export.txt"
+REQUIREMENTS = "requirements/export.txt"
 ONNX_TOLERANCE = 1e-4
 HF_TOLERANCE = 1e-5
 INPUT_NAME = "pixel_values"

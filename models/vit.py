@@ -102,7 +102,7 @@ def _xformers_ops():
         import xformers.ops as xops
     except ImportError as err:
         raise RuntimeError(
-            "attn_impl='xformers' needs the optional xformers package (pip install -r requirements-gpu.txt)"
+            "attn_impl='xformers' needs the optional xformers package (pip install -r requirements/gpu.txt)"
         ) from err
     return xops
 

@@ -26,9 +26,9 @@ from models.convnext import build_convnext
 from models.vit import build_vit
 from tests.helpers import REPO, distill_config, procedural, tiny_config
 
-onnx = pytest.importorskip("onnx", reason="export tests need requirements-export.txt (included by requirements-dev)")
-ort = pytest.importorskip("onnxruntime", reason="export tests need requirements-export.txt")
-transformers = pytest.importorskip("transformers", reason="export tests need requirements-export.txt")
+onnx = pytest.importorskip("onnx", reason="export tests need requirements/export.txt (included in requirements/dev.txt)")
+ort = pytest.importorskip("onnxruntime", reason="export tests need requirements/export.txt")
+transformers = pytest.importorskip("transformers", reason="export tests need requirements/export.txt")
 
 # Three resolutions, one not square; small so that every test stays quick on two CPU cores.
 SIZES = ["32", "32", "48", "80", "64", "64"]
@@ -308,7 +308,7 @@ def test_bad_input_gets_a_clear_message_before_any_export(demo, tmp_path, monkey
                           ("transformers", ["hf", "--out", str(tmp_path / "hf")])):
         with monkeypatch.context() as patch:
             patch.setitem(sys.modules, package, None)
-            with pytest.raises(ModuleNotFoundError, match=f"'{package}'.*pip install -r requirements-export.txt"):
+            with pytest.raises(ModuleNotFoundError, match=f"'{package}'.*pip install -r requirements/export.txt"):
                 export.main([*argv, "--checkpoint", ckpt])
     # Weights Hugging Face's DINOv3ViTModel cannot hold: RoPE periods that are not base**(4i/D).
     log_spaced = build_vit("vit_tiny", rope_base=None, rope_min_period=0.5, rope_max_period=50.0)

@@ -52,14 +52,26 @@ def measure_train_step(
     measure: Callable[[Callable[[], None]], float], attn_impl: str = "auto", kernel_impl: str = "auto",
     peak_gflops: float | None = None,
 ) -> dict:
-    """Build the model, losses and one batch, time `measure(step)` and return the step's figures."""
-    cfg = train.parse_config([
+    """The demo preset at this architecture, batch, crop sizes and head width (8 local crops): its step's figures."""
+    config_args = [
         "demo", "--model.arch", arch, "--model.dino-prototypes", str(prototypes), "--model.ibot-prototypes",
         str(prototypes), "--model.dino-hidden", "2048", "--model.ibot-hidden", "2048", "--model.dino-bottleneck",
         "256", "--model.ibot-bottleneck", "256", "--data.global-size", str(global_size), "--data.local-size",
-        str(local_size), "--augment.n-local-crops", "8", "--data.batch-size", str(batch), "--run.device", device,
-        "--model.attn-impl", attn_impl, "--model.kernel-impl", kernel_impl,
-    ])
+        str(local_size), "--augment.n-local-crops", "8", "--data.batch-size", str(batch),
+    ]
+    return measure_config_step(device, config_args, measure, attn_impl, kernel_impl, peak_gflops)
+
+
+def measure_config_step(
+    device: str, config_args: list[str], measure: Callable[[Callable[[], None]], float], attn_impl: str = "auto",
+    kernel_impl: str = "auto", peak_gflops: float | None = None,
+) -> dict:
+    """Build the model, losses and one batch of train.py's config `config_args` (a preset and overrides), time
+    `measure(step)` and return the step's figures (peak_mib: the step's peak allocated memory on CUDA)."""
+    cfg = train.parse_config([*config_args, "--run.device", device, "--model.attn-impl", attn_impl,
+                              "--model.kernel-impl", kernel_impl])
+    batch, global_size, local_size = cfg.data.batch_size, cfg.data.global_size, cfg.data.local_size
+    n_local = cfg.augment.n_local_crops
     torch.manual_seed(0)
     student, teacher = train.build_student_teacher(cfg.model)
     student.to(device)
@@ -67,8 +79,8 @@ def measure_train_step(
     losses = train.SSLLosses(cfg.model, cfg.loss).to(device)
     optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
     state = train.TrainState(student, teacher, None, student, optimizer, losses)
-    loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=8), CropSizes(global_size, local_size),
-                          batch_size=batch, num_workers=0)
+    loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=n_local),
+                          CropSizes(global_size, local_size), batch_size=batch, num_workers=0)
     batch_data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}
     sched = train.schedules_at(10**6, cfg.optim, cfg.teacher)
     autocast = device == "cuda"
@@ -79,20 +91,30 @@ def measure_train_step(
         if device == "cuda":
             torch.cuda.synchronize()
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     seconds = measure(step)
-    vit = student.backbone.cfg
-    n_masked = len(batch_data["mask_indices"])
-    student_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size) + vit_forward_flops(
-        vit, 8 * batch, local_size, local_size)
-    teacher_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size)
-    heads = 2 * (10 * batch * head_matmul_params(student.dino_head) + n_masked * head_matmul_params(student.ibot_head))
-    teacher_heads = 2 * (2 * batch * head_matmul_params(student.dino_head) + n_masked * head_matmul_params(student.ibot_head))
-    flops = 3 * (student_fwd + heads) + teacher_fwd + teacher_heads
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    flops = train_step_flops(student, batch, global_size, local_size, n_local, len(batch_data["mask_indices"]))
     achieved = flops / seconds / 1e9
     if peak_gflops is None:
         peak_gflops = matmul_peak_gflops(device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     return dict(seconds=seconds, images_per_s=batch / seconds, gflop=flops / 1e9, gflops=achieved,
-                peak_gflops=peak_gflops, mfu=achieved / peak_gflops)
+                peak_gflops=peak_gflops, mfu=achieved / peak_gflops, peak_mib=peak_mib)
+
+
+def train_step_flops(student: torch.nn.Module, batch: int, global_size: int, local_size: int, n_local: int,
+                     n_masked: int) -> float:
+    """Matmul FLOPs of one step: the student's forward and backward over every crop, the teacher's forward over
+    the global crops, and the heads on their tokens."""
+    vit = student.backbone.cfg
+    student_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size) + vit_forward_flops(
+        vit, n_local * batch, local_size, local_size)
+    teacher_fwd = vit_forward_flops(vit, 2 * batch, global_size, global_size)
+    dino, ibot = head_matmul_params(student.dino_head), head_matmul_params(student.ibot_head)
+    heads = 2 * ((2 + n_local) * batch * dino + n_masked * ibot)
+    teacher_heads = 2 * (2 * batch * dino + n_masked * ibot)
+    return 3 * (student_fwd + heads) + teacher_fwd + teacher_heads
 
 
 @pytest.mark.parametrize("device, arch, batch, global_size, local_size, prototypes", CASES)

@@ -26,7 +26,7 @@ run: $(STAMP)
 
 # Every test, the slow ones included (the default `pytest` run skips tests marked slow).
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -m "slow or not slow" --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest

@@ -39,6 +39,7 @@ import math
 import signal
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -278,24 +279,67 @@ def separated_colors(rng: np.random.Generator, min_distance: float = 0.5) -> tup
     return first.astype(np.float32), second.astype(np.float32)
 
 
-def procedural_image(index: int, size: int, n_classes: int, seed: int) -> tuple[Image.Image, int]:
-    """Image `index` of the procedural dataset and its label (index % n_classes): deterministic."""
-    rng = np.random.default_rng([seed, index])
-    label = index % n_classes
+def draw_pattern(rng: np.random.Generator, family: str, size: int,
+                 colors: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]) -> Image.Image:
+    """A `size` x `size` image of one pattern family at a random pose, in the (background, foreground) colors that
+    `colors(rng)` draws, over a faint gradient and noise."""
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
     y, x = np.meshgrid(coords, coords, indexing="ij")
     angle = np.float32(rng.uniform(0.0, 2 * np.pi))
     center = rng.uniform(-0.3, 0.3, size=2).astype(np.float32)
     u = np.cos(angle) * (x - center[0]) + np.sin(angle) * (y - center[1])
     v = -np.sin(angle) * (x - center[0]) + np.cos(angle) * (y - center[1])
-    coverage = pattern_mask(PATTERN_FAMILIES[label], u, v, rng, edge=3.0 / size)[..., None]
-    # Random, well separated colors: the class is in the shape, not in the mean color.
-    background, foreground = separated_colors(rng)
+    coverage = pattern_mask(family, u, v, rng, edge=3.0 / size)[..., None]
+    background, foreground = colors(rng)
     gradient_direction = np.float32(rng.uniform(0.0, 2 * np.pi))
     gradient = np.float32(0.15) * (np.cos(gradient_direction) * x + np.sin(gradient_direction) * y)[..., None]
     pixels = (background + gradient) * (1.0 - coverage) + foreground * coverage
     pixels += 0.03 * rng.standard_normal(pixels.shape, dtype=np.float32)
-    return Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB"), label
+    return Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def procedural_image(index: int, size: int, n_classes: int, seed: int) -> tuple[Image.Image, int]:
+    """Image `index` of the procedural dataset and its label (index % n_classes): deterministic."""
+    rng = np.random.default_rng([seed, index])
+    label = index % n_classes
+    # Random, well separated colors: the class is in the shape, not in the mean color.
+    return draw_pattern(rng, PATTERN_FAMILIES[label], size, separated_colors), label
+
+
+# (background, foreground) RGB of the concept palettes: a concept is a pattern family in one palette, so there are
+# len(PATTERN_FAMILIES) x len(CONCEPT_PALETTES) = 50 concepts, told apart by shape and color.
+CONCEPT_PALETTES = (
+    ((0.10, 0.15, 0.45), (0.95, 0.85, 0.20)),
+    ((0.95, 0.95, 0.90), (0.80, 0.10, 0.10)),
+    ((0.15, 0.45, 0.15), (0.90, 0.30, 0.85)),
+    ((0.05, 0.05, 0.05), (0.20, 0.90, 0.90)),
+    ((0.95, 0.55, 0.10), (0.35, 0.10, 0.50)),
+)
+N_CONCEPTS = len(PATTERN_FAMILIES) * len(CONCEPT_PALETTES)
+
+
+def concept_image(index: int, concept: int, size: int, seed: int) -> Image.Image:
+    """Image `index` of concept `concept` (family concept % 10 in palette concept // 10, colors jittered by
+    +-0.08): deterministic."""
+    if not 0 <= concept < N_CONCEPTS:
+        raise ValueError(f"concept must be in [0, {N_CONCEPTS}), got {concept}")
+    rng = np.random.default_rng([seed, index])
+    background, foreground = (np.asarray(c, dtype=np.float32) for c in CONCEPT_PALETTES[concept // len(PATTERN_FAMILIES)])
+
+    def jittered(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        jitter = rng.uniform(-0.08, 0.08, size=(2, 3)).astype(np.float32)
+        return background + jitter[0], foreground + jitter[1]
+
+    return draw_pattern(rng, PATTERN_FAMILIES[concept % len(PATTERN_FAMILIES)], size, jittered)
+
+
+def zipf_counts(n: int, n_classes: int, exponent: float) -> np.ndarray:
+    """Images per class for a pool of `n` with class k's frequency proportional to 1 / (k + 1)**exponent (largest
+    first); every class gets at least one."""
+    weights = 1.0 / np.arange(1, n_classes + 1, dtype=np.float64) ** exponent
+    counts = np.maximum(np.floor(weights / weights.sum() * n), 1).astype(np.int64)
+    counts[0] += n - counts.sum()
+    return counts
 
 
 class ProceduralDataset(ImageDataset):

@@ -131,6 +131,10 @@ class CurateConfig:
     work_dir: str = "runs/curate"
     steps: tuple[Step, ...] = ("embed", "dedup", "cluster", "sample", "retrieve", "output")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Subtract the pool's mean embedding before dedup, cluster and retrieve. An untrained backbone's class tokens
+    # share a large common component (cosine ~0.98 between any two images) that would hide their differences;
+    # a trained backbone's do not need it.
+    center: bool = False
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -144,7 +148,7 @@ def _small() -> CurateConfig:
     frequencies, an untrained ViT-tiny at 64 px, 2 levels (500, 100 clusters), a 10 % curated part, 4 retrieved
     images per seed image."""
     return CurateConfig(
-        pool="pool/pool.txt", seeds="pool/seeds.txt", work_dir="runs/curate-small",
+        pool="pool/pool.txt", seeds="pool/seeds.txt", work_dir="runs/curate-small", center=True,
         steps=("generate", "embed", "dedup", "cluster", "sample", "retrieve", "output"),
         embed=EmbedConfig(checkpoint="random:vit_tiny", size=64, batch_size=256, chunk_size=4096, num_workers=2),
         cluster=ClusterConfig(clusters=(500, 100), iterations=20, resample_steps=(0, 10), resample_size=(1, 2)),
@@ -396,8 +400,16 @@ def load_embeddings(folder: Path) -> Embeddings:
 # dedup, cluster, sample, retrieve
 
 
-def run_dedup(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
+def pool_and_mean(cfg: CurateConfig) -> tuple[Embeddings, torch.Tensor]:
+    """The pool's embeddings (centered when cfg.center) and what was subtracted (zeros otherwise)."""
     pool = load_embeddings(work(cfg) / "embed" / "pool")
+    mean = pool.features.mean(0) if cfg.center else torch.zeros(pool.features.shape[1])
+    pool.features = pool.features - mean
+    return pool, mean
+
+
+def run_dedup(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
+    pool, _ = pool_and_mean(cfg)
     if cfg.dedup.enabled:
         drop = near_duplicates(pool.features.to(dist_info.device), cfg.dedup.threshold)
     else:
@@ -424,7 +436,7 @@ def levels_of(c: ClusterConfig) -> list[Level]:
 def run_cluster(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
     """Level files <work>/cluster/level{t}.pt: centroids, labels (of the kept pool rows at level 1, of level t-1's
     centroids above) and distances; level{t}.state.pt checkpoints a level in progress."""
-    features = load_embeddings(work(cfg) / "embed" / "pool").features[kept_rows(cfg)]
+    features = pool_and_mean(cfg)[0].features[kept_rows(cfg)]
     levels = levels_of(cfg.cluster)
     check_levels([len(features)], levels)
     folder = work(cfg) / "cluster"
@@ -509,8 +521,9 @@ def run_retrieve(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
     if len(seeds.features) == 0:
         raise CurationError(f"none of the seed images of {cfg.seeds} could be read: give readable seed images")
     kept = kept_rows(cfg)
-    pool = load_embeddings(work(cfg) / "embed" / "pool").features[kept]
-    sims, rows = nearest_neighbors(seeds.features.to(dist_info.device), pool.to(dist_info.device), cfg.retrieve.k,
+    pool, mean = pool_and_mean(cfg)
+    pool = pool.features[kept]
+    sims, rows = nearest_neighbors((seeds.features - mean).to(dist_info.device), pool.to(dist_info.device), cfg.retrieve.k,
                                    cfg.retrieve.backend, cfg.retrieve.block)
     if dist_info.is_main:
         save_npy(work(cfg) / "retrieve" / "rows.npy", kept[rows.cpu().numpy()])

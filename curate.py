@@ -223,11 +223,14 @@ def resolve(cfg: CurateConfig, path: str) -> Path:
 
 
 def read_images(path: Path) -> PathListDataset:
-    """An image folder or a .txt list (one clear line when it is neither)."""
-    if path.is_dir():
-        return ImageFolderDataset(path)
-    if path.suffix.lower() == ".txt":
-        return FileListDataset(path)
+    """An image folder or a .txt list (one clear line when it is neither, is missing or lists no images)."""
+    try:
+        if path.is_dir():
+            return ImageFolderDataset(path)
+        if path.suffix.lower() == ".txt":
+            return FileListDataset(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CurationError(str(err)) from None
     raise CurationError(f"{str(path)!r} is neither an image folder nor a .txt image list: pass one of those")
 
 

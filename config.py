@@ -50,9 +50,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # image folder or .txt file list; None = the photos bundled with scikit-image/learn
+    # Image folder, .txt file list, or WebDataset tar shards ('shards/{000000..000999}.tar', data/shards.py);
+    # None = the photos bundled with scikit-image/learn.
+    path: str | None = None
     batch_size: int = 64  # per rank; global batch = batch_size x world size
     num_workers: int = 8
+    shuffle_buffer: int = 1000  # tar shards: samples each data-loader worker shuffles among
     global_size: int = CropSizes.global_size
     local_size: int = CropSizes.local_size
     mask_probability: float = MaskingCollate.mask_probability  # fraction of global crops that get iBOT masks

@@ -16,7 +16,9 @@ its own outputs; the pool itself is never modified):
 - sample:   balanced hierarchical sampling to `sample.target` images (or `sample.fraction` of the kept pool);
 - retrieve: the `retrieve.k` most similar kept pool images of every seed image;
 - output:   `curated.txt` and `retrieved.txt` (one image per line, the pool's labels when it has some: what
-            `train.py --data.path` reads) and `summary.json`.
+            `train.py --data.path` reads) and `summary.json`;
+- shards:   (not run by default) a file list (`shards.list`, by default curated.txt) as WebDataset tar shards of
+            `shards.per_shard` images, for `train.py --data.path 'shards/{000000..000099}.tar'` (data/shards.py).
 """
 
 from __future__ import annotations
@@ -61,14 +63,15 @@ from data.datasets import (
     concept_image,
     zipf_counts,
 )
+from data.shards import write_shards
 from dense import forward_tokens
 from models.vit import build_vit
 from probes import eval_pixels, load_eval_backbone
 
 logger = logging.getLogger("dinov3")
 
-Step = Literal["generate", "embed", "dedup", "cluster", "sample", "retrieve", "output"]
-STEPS: tuple[Step, ...] = ("generate", "embed", "dedup", "cluster", "sample", "retrieve", "output")
+Step = Literal["generate", "embed", "dedup", "cluster", "sample", "retrieve", "output", "shards"]
+STEPS: tuple[Step, ...] = ("generate", "embed", "dedup", "cluster", "sample", "retrieve", "output", "shards")
 
 
 @dataclass
@@ -125,6 +128,13 @@ class RetrieveConfig:
 
 
 @dataclass
+class ShardsConfig:
+    list: str | None = None  # the .txt list to write as tar shards; None: the output step's curated.txt
+    per_shard: int = 1000  # images per shard
+    folder: str = "shards"  # under the work dir (or absolute)
+
+
+@dataclass
 class CurateConfig:
     pool: str = "pool"  # image folder or .txt list (relative paths: to the work dir for generated pools)
     seeds: str | None = None  # seed images for retrieval (folder or .txt list); None: no retrieved part
@@ -141,6 +151,7 @@ class CurateConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
 
 def _small() -> CurateConfig:
@@ -585,8 +596,21 @@ def run_output(cfg: CurateConfig, dist_info: runtime.Dist) -> dict:
     return summary
 
 
+def run_shards(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
+    """The images of a file list, unchanged, as WebDataset tar shards that `train.py --data.path` streams."""
+    source = resolve(cfg, cfg.shards.list) if cfg.shards.list else work(cfg) / "output" / "curated.txt"
+    images = read_images(source)
+    folder = Path(cfg.shards.folder) if Path(cfg.shards.folder).is_absolute() else work(cfg) / cfg.shards.folder
+    if dist_info.is_main:
+        paths = write_shards(images, folder, cfg.shards.per_shard)
+        pattern = f"{folder}/{{{0:06d}..{len(paths) - 1:06d}}}.tar"
+        logger.info(f"shards: {len(images)} images of {source} in {len(paths)} shards; train on them with "
+                    f"--data.path '{pattern}'")
+    runtime.barrier(dist_info)
+
+
 RUNNERS = {"generate": generate_pool, "embed": run_embed, "dedup": run_dedup, "cluster": run_cluster,
-           "sample": run_sample, "retrieve": run_retrieve, "output": run_output}
+           "sample": run_sample, "retrieve": run_retrieve, "output": run_output, "shards": run_shards}
 
 
 def curate(cfg: CurateConfig) -> dict:

@@ -57,6 +57,7 @@ from config import (
 )
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from data.shards import ShardImages, ShardProgress, build_shard_loader
 from dense import fast_dense_set, log_dense_metric
 from figures import save_png
 from models.checkpoint import (
@@ -823,9 +824,18 @@ def crop_size_schedule(cfg: TrainConfig) -> CropSizeSchedule:
     return CropSizeSchedule((sizes,), (1.0,), cfg.run.seed)
 
 
-def build_train_loader(dataset: ImageDataset, cfg: TrainConfig, start_step: int, patch_size: int,
-                       dist_info: runtime.Dist):
-    """The multi-crop, masked batches of this rank, from `start_step` on (the same stream as an uninterrupted run)."""
+def build_train_loader(dataset: ImageDataset | ShardImages, cfg: TrainConfig, start_step: int, patch_size: int,
+                       dist_info: runtime.Dist, start_shard: int = 0):
+    """The multi-crop, masked batches of this rank, from `start_step` on (the same stream as an uninterrupted run;
+    tar shards: from shard stream index `start_shard` on, data/shards.py)."""
+    if isinstance(dataset, ShardImages):
+        return build_shard_loader(
+            dataset, dataclasses.replace(cfg.augment, patch_size=patch_size), crop_size_schedule(cfg),
+            batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
+            start_step=start_step, start_shard=start_shard, num_workers=cfg.data.num_workers, patch_size=patch_size,
+            shuffle_buffer=cfg.data.shuffle_buffer, mask_probability=cfg.data.mask_probability,
+            mask_ratio=cfg.data.mask_ratio,
+        )
     return build_loader(
         dataset, dataclasses.replace(cfg.augment, patch_size=patch_size), crop_size_schedule(cfg),
         batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
@@ -838,10 +848,13 @@ class Monitor:
     """Logs each step's terms and schedules and evaluates the EMA teacher: feature maps, k-NN on the procedural
     labeled set and the dense metric, every `run.*_every` steps and at the end; keeps their histories."""
 
-    def __init__(self, cfg: TrainConfig, dataset: ImageDataset, state: TrainState, dist_info: runtime.Dist):
+    def __init__(self, cfg: TrainConfig, dataset: ImageDataset | ShardImages, state: TrainState,
+                 dist_info: runtime.Dist):
         self.cfg, self.dist_info, self.teacher = cfg, dist_info, state.teacher.backbone
         out_dir = Path(cfg.run.output_dir)
         self.writer = start_run_folder(out_dir, cfg, dist_info, state.step)
+        if isinstance(dataset, ShardImages):
+            dataset = dataset.preview()
         self.pca_images = pca_batch(dataset, cfg.data.global_size, dist_info.device)
         self.knn_sets = load_procedural_sets(cfg.run.knn_train_images, cfg.run.knn_train_images // 2,
                                              size=cfg.data.global_size, n_classes=10) if cfg.run.knn_every else None
@@ -941,7 +954,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         for net in (state.student.backbone, state.teacher.backbone, state.gram_teacher):
             if net is not None:
                 net.compile()
-    loader = build_train_loader(dataset, cfg, state.step, state.student.backbone.patch_size, dist_info)
+    start_shard = state.stats.get("resume_shard", 0)
+    loader = build_train_loader(dataset, cfg, state.step, state.student.backbone.patch_size, dist_info, start_shard)
+    shard_progress = ShardProgress(start_shard, cfg.data.num_workers) if isinstance(dataset, ShardImages) else None
     monitor = Monitor(cfg, dataset, state, dist_info)
 
     checkpointer = Checkpointer(cfg, dist_info)
@@ -951,7 +966,10 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     try:
         while state.step < cfg.optim.iterations:
             t0 = time.perf_counter()
-            batch = runtime.to_device(next(data_iter), dist_info.device)
+            batch = next(data_iter)
+            if shard_progress is not None:
+                shard_progress.consumed(batch)
+            batch = runtime.to_device(batch, dist_info.device)
             sched = prepare_step(state, cfg, dist_info.rank)
             terms, grad_norm = train_step(state, batch, sched, cfg, dist_info)
             state.step += 1  # from here on: this step's number in the log and in the checkpoint names
@@ -965,6 +983,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             checkpointer.poll()
             if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.optim.iterations or stop_now:
+                if shard_progress is not None:
+                    state.stats["resume_shard"] = shard_progress.resume_shard(
+                        lambda v: -runtime.all_reduce_max(-v, dist_info))
                 checkpointer.save(state)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoint saved at step {state.step}, "

@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from PIL import Image
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule, MultiCropAugmentation, sample_rng
 from data.masking import MaskingCollate
 from data.sampler import InfiniteSampler
+
+if TYPE_CHECKING:
+    from data.shards import ShardImages
 
 logger = logging.getLogger(__name__)
 
@@ -371,13 +375,18 @@ PROCEDURAL_PRETRAIN_IMAGES = 100_000
 PROCEDURAL_PRETRAIN_SIZE = 128
 
 
-def build_dataset(path: str | Path | None) -> ImageDataset:
+def build_dataset(path: str | Path | None) -> ImageDataset | ShardImages:
     """None -> the bundled sample photos; "procedural" -> unlabeled generated images; a folder ->
-    ImageFolderDataset; a .txt file -> FileListDataset."""
+    ImageFolderDataset; a .txt file -> FileListDataset; tar shards ('shards/{000000..000999}.tar') ->
+    data.shards.ShardImages, a stream for data.shards.build_shard_loader."""
     if path is None:
         return SampleImagesDataset()
     if path == "procedural":
         return ProceduralDataset(PROCEDURAL_PRETRAIN_IMAGES, PROCEDURAL_PRETRAIN_SIZE, seed=PROCEDURAL_PRETRAIN_SEED)
+    from data.shards import ShardImages, is_shard_pattern  # it builds on this module
+
+    if is_shard_pattern(str(path)):
+        return ShardImages(str(path))
     path = Path(path)
     if path.is_dir():
         return ImageFolderDataset(path)

@@ -76,7 +76,7 @@ def _members(url: str, on_error) -> Iterator[dict]:
     """Samples (dicts: '__key__' and one entry per extension) of a shard, via webdataset's tar reader."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    with open(url, "rb") as stream:
+    with open(url, "rb", buffering=1 << 20) as stream:  # tar headers are read 512 bytes at a time
         members = ({**member, "__url__": url} for member in tar_file_iterator(stream, handler=on_error))
         yield from group_by_keys(members, handler=on_error)
 

@@ -497,6 +497,7 @@ def build_loader(
     mask_probability: float = MaskingCollate.mask_probability,
     mask_ratio: tuple[float, float] = MaskingCollate.mask_ratio,
     pin_memory: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> torch.utils.data.DataLoader:
     """An endless loader of collated batches of `batch_size` images per rank, starting at step `start_step`.
 
@@ -512,9 +513,10 @@ def build_loader(
     global_batch_size = batch_size * world_size
     # Rank r takes the r-th slice of every global batch (block sharding, data/sampler.py) and masks are
     # assigned over the global batch (data/masking.py): the same step on 1 or N ranks sees the same crops.
-    sampler = InfiniteSampler(
-        len(images), rank, world_size, seed, start=start_step * global_batch_size, block=batch_size
-    )
+    if sampler is None:  # otherwise a sampler of the same contract: data/mixture.py's MixtureSampler
+        sampler = InfiniteSampler(
+            len(images), rank, world_size, seed, start=start_step * global_batch_size, block=batch_size
+        )
     dataset = MultiCropDataset(images, MultiCropAugmentation(augment), seed, sizes, global_batch_size)
     collate = MaskingCollate(
         patch_size=patch_size, mask_probability=mask_probability, mask_ratio=mask_ratio, seed=seed,

@@ -24,6 +24,7 @@ its own outputs; the pool itself is never modified):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -160,6 +161,8 @@ def _small() -> CurateConfig:
     images per seed image."""
     return CurateConfig(
         pool="pool/pool.txt", seeds="pool/seeds.txt", work_dir="runs/curate-small", center=True,
+        # An untrained backbone puts unrelated images close: a looser threshold would drop a quarter of the pool.
+        dedup=DedupConfig(threshold=0.995),
         steps=("generate", "embed", "dedup", "cluster", "sample", "retrieve", "output"),
         embed=EmbedConfig(checkpoint="random:vit_tiny", size=64, batch_size=256, chunk_size=4096, num_workers=2),
         cluster=ClusterConfig(clusters=(500, 100), iterations=20, resample_steps=(0, 10), resample_size=(1, 2)),
@@ -454,6 +457,7 @@ def run_cluster(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
     levels = levels_of(cfg.cluster)
     check_levels([len(features)], levels)
     folder = work(cfg) / "cluster"
+    inputs = cluster_inputs(cfg)
     # Each rank clusters a contiguous slice of the rows (the order the k-means++ draws rely on).
     bounds = np.linspace(0, len(features), dist_info.world_size + 1).astype(int)
     points = prepare(features[bounds[dist_info.rank]: bounds[dist_info.rank + 1]], cfg.cluster.metric)
@@ -461,16 +465,20 @@ def run_cluster(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
     for t, level in enumerate(levels, start=1):
         final, state_file = folder / f"level{t}.pt", folder / f"level{t}.state.pt"
         if final.exists():
-            points = torch.load(final, weights_only=True)["centroids"].to(dist_info.device)
+            done = torch.load(final, weights_only=True)
+            check_inputs(done, inputs, final)
+            points = done["centroids"].to(dist_info.device)
             logger.info(f"cluster: level {t} done before, kept")
             continue
         resume = torch.load(state_file, weights_only=True) if state_file.exists() else None
+        if resume is not None:
+            check_inputs(resume, inputs, state_file)
         if resume is not None:
             logger.info(f"cluster: level {t} resumes at phase {resume['phase']}, iteration {resume['iteration']}")
 
         def checkpoint(state: dict, state_file: Path = state_file) -> None:
             if dist_info.is_main:
-                runtime.atomic_save(state, state_file)
+                runtime.atomic_save({**state, "inputs": inputs}, state_file)
 
         start = time.perf_counter()
         result = cluster_level(points, level, cfg.cluster.metric, cfg.cluster.init, cfg.cluster.seed + t,
@@ -480,7 +488,7 @@ def run_cluster(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
             labels, dists = (_gather(v, dist_info) for v in (labels, dists))
         if dist_info.is_main:
             runtime.atomic_save({"centroids": result.centroids.cpu(), "labels": labels.cpu(),
-                                 "distances": dists.cpu()}, final)
+                                 "distances": dists.cpu(), "inputs": inputs}, final)
             state_file.unlink(missing_ok=True)
             sizes = np.bincount(labels.cpu().numpy(), minlength=level.clusters)
             logger.info(f"cluster: level {t}, {level.clusters} clusters of {len(labels)} "
@@ -488,6 +496,20 @@ def run_cluster(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
                         f"min {sizes.min()} median {int(np.median(sizes))} max {sizes.max()}")
         runtime.barrier(dist_info)
         points = result.centroids
+
+
+def cluster_inputs(cfg: CurateConfig) -> str:
+    """What the cluster step's outputs depend on: the kept rows and the cluster settings (levels and their files
+    made from other inputs must not be reused)."""
+    digest = hashlib.sha256(np.ascontiguousarray(kept_rows(cfg)).tobytes())
+    digest.update(json.dumps([dataclasses.asdict(cfg.cluster), cfg.center, cfg.embed.checkpoint]).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_inputs(saved: dict, inputs: str, path: Path) -> None:
+    if saved.get("inputs") != inputs:
+        raise CurationError(f"{path} was made from other embeddings, dedup output or cluster settings: delete "
+                            f"{path.parent} to cluster again")
 
 
 def _gather(tensor: torch.Tensor, dist_info: runtime.Dist) -> torch.Tensor:

@@ -73,7 +73,7 @@ def test_cluster_resumes_from_a_level_checkpoint(finished, tmp_path):
     states = []
     cluster_level(reference[1]["centroids"], Level(4, 5, 2, 2), "cosine", "kmeans++", 2, checkpoint=states.append)
     (folder / "level2.pt").unlink()
-    torch.save(states[2], folder / "level2.state.pt")
+    torch.save({**states[2], "inputs": reference[2]["inputs"]}, folder / "level2.state.pt")
     curate.curate(tiny(tmp_path / "w", "--steps", "cluster"))
     resumed = torch.load(folder / "level2.pt", weights_only=True)
     assert torch.equal(resumed["centroids"], reference[2]["centroids"])
@@ -104,6 +104,8 @@ def test_bad_input_fails_with_one_line(tmp_path, finished):
         curate.curate(tiny(finished, "--steps", "cluster", "--cluster.clusters", "5000", "4"))
     with pytest.raises(CurationError, match="sample.target=100000 is larger than the deduplicated pool"):
         curate.curate(tiny(finished, "--steps", "sample", "--sample.target", "100000"))
+    with pytest.raises(CurationError, match="was made from other embeddings, dedup output or cluster settings"):
+        curate.curate(tiny(finished, "--steps", "cluster", "--cluster.iterations", "6"))
     with pytest.raises(CurationError, match="must decrease from level to level"):
         curate.curate(tiny(finished, "--cluster.clusters", "4", "12"))
     with pytest.raises(CurationError, match="neither an image folder nor a .txt image list"):

@@ -345,8 +345,9 @@ def embed_images(images: PathListDataset, folder: Path, cfg: EmbedConfig, backbo
     n_chunks = math.ceil(len(images) / cfg.chunk_size)
     mine = [c for c in range(dist_info.rank, n_chunks, dist_info.world_size) if not chunk_done(folder, c)]
     if dist_info.is_main:
-        write_atomic(folder / "items.txt", "".join(f"{images.samples[i][0]} {images.samples[i][1]}\n"
-                                                   for i in range(len(images))))
+        # Absolute paths: the lists written from these items live in another folder than the pool's list.
+        write_atomic(folder / "items.txt", "".join(f"{Path(path).resolve()} {label}\n"
+                                                   for path, label in images.samples))
     start, done_images = time.perf_counter(), 0
     for done, chunk in enumerate(mine, start=1):
         positions = range(chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(images)))

@@ -41,6 +41,7 @@ def test_pipeline_writes_lists_train_reads_and_a_summary(finished):
     assert sum(summary["level1_cluster_size_histogram"].values()) == 12
     curated = FileListDataset(finished / "output" / "curated.txt")
     assert len(curated) == summary["curated"] and curated[0][0].size == (32, 32)
+    assert all(path.is_absolute() for path, _ in curated.samples)
     retrieved = FileListDataset(finished / "output" / "retrieved.txt")
     assert len(retrieved) == summary["retrieved"] <= 50 * 4
     assert set(summary["class_balance"]) == {"pool", "curated", "random_same_size"}

@@ -116,3 +116,32 @@ def test_bad_input_fails_with_one_line(tmp_path, finished):
     with pytest.raises(CurationError, match="no images found in image list"):
         curate.curate(tiny(tmp_path / "w", "--steps", "embed", "--pool", str(finished / "pool" / "pool.txt"),
                            "--seeds", str(empty)))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path, finished):
+    """curate.py under torchrun (2 CPU ranks, gloo): embed chunks dealt to the ranks, level-1 k-means over both;
+    the same embeddings, clusters (centroids within 1e-5) and sample as the single process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port, process_env
+
+    shutil.copytree(finished / "pool", tmp_path / "pool")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(REPO / "curate.py"), "small", "--work-dir", str(tmp_path), "--device", "cpu",
+               "--generate.images", "150", "--generate.seed-images-per-concept", "1", "--generate.size", "32",
+               "--embed.size", "32", "--embed.chunk-size", "64", "--embed.batch-size", "32",
+               "--embed.num-workers", "0", "--cluster.clusters", "12", "4", "--cluster.iterations", "5",
+               "--cluster.resample-size", "1", "2", "--cluster.resample-steps", "0", "2"]
+    result = subprocess.run(command, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for chunk in range(3):
+        assert np.array_equal(np.load(tmp_path / "embed" / "pool" / f"chunk-{chunk:06d}.npy"),
+                              np.load(finished / "embed" / "pool" / f"chunk-{chunk:06d}.npy"))
+    for t in (1, 2):
+        one = torch.load(finished / "cluster" / f"level{t}.pt", weights_only=True)
+        two = torch.load(tmp_path / "cluster" / f"level{t}.pt", weights_only=True)
+        assert (one["centroids"] - two["centroids"]).abs().max() <= 1e-5
+    assert np.array_equal(np.load(tmp_path / "sample" / "rows.npy"), np.load(finished / "sample" / "rows.npy"))

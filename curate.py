@@ -560,8 +560,8 @@ def run_retrieve(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
     kept = kept_rows(cfg)
     pool, mean = pool_and_mean(cfg)
     pool = pool.features[kept]
-    sims, rows = nearest_neighbors((seeds.features - mean).to(dist_info.device), pool.to(dist_info.device), cfg.retrieve.k,
-                                   cfg.retrieve.backend, cfg.retrieve.block)
+    sims, rows = nearest_neighbors((seeds.features - mean).to(dist_info.device), pool.to(dist_info.device),
+                                   cfg.retrieve.k, cfg.retrieve.backend, cfg.retrieve.block)
     if dist_info.is_main:
         save_npy(work(cfg) / "retrieve" / "rows.npy", kept[rows.cpu().numpy()])
         save_npy(work(cfg) / "retrieve" / "similarities.npy", sims.cpu().numpy())

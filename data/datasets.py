@@ -328,7 +328,8 @@ def concept_image(index: int, concept: int, size: int, seed: int) -> Image.Image
     if not 0 <= concept < N_CONCEPTS:
         raise ValueError(f"concept must be in [0, {N_CONCEPTS}), got {concept}")
     rng = np.random.default_rng([seed, index])
-    background, foreground = (np.asarray(c, dtype=np.float32) for c in CONCEPT_PALETTES[concept // len(PATTERN_FAMILIES)])
+    palette = CONCEPT_PALETTES[concept // len(PATTERN_FAMILIES)]
+    background, foreground = (np.asarray(c, dtype=np.float32) for c in palette)
 
     def jittered(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         jitter = rng.uniform(-0.08, 0.08, size=(2, 3)).astype(np.float32)

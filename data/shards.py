@@ -204,8 +204,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                                              f"{self.min_side}px patch")
             except UNREADABLE_IMAGE_ERRORS as err:
                 skipped += 1
-                logger.warning(f"skipping unreadable member {sample.get('__key__')} of {sample.get('__url__', 'a shard')}"
-                               f": {type(err).__name__}: {err}")
+                where = f"{sample.get('__key__')} of {sample.get('__url__', 'a shard')}"
+                logger.warning(f"skipping unreadable member {where}: {type(err).__name__}: {err}")
                 continue
             batch, slot = divmod(produced, self.batch_size)
             step = self.start_step + batch * workers + worker
@@ -327,5 +327,6 @@ class _MultiCrop:
         self.augmentation, self.sizes, self.seed, self.global_batch_size = augmentation, sizes, seed, global_batch_size
 
     def __call__(self, image: Image.Image, label: int, position: int) -> dict:
-        crops = self.augmentation(image, sample_rng(self.seed, position), self.sizes(position // self.global_batch_size))
+        sizes = self.sizes(position // self.global_batch_size)
+        crops = self.augmentation(image, sample_rng(self.seed, position), sizes)
         return {**crops, "label": label, "index": -1, "position": position}

@@ -175,7 +175,9 @@ def _web() -> CurateConfig:
     return CurateConfig(
         pool="pool.txt", work_dir="runs/curate-web", device="auto",
         embed=EmbedConfig(checkpoint="", size=224, batch_size=256, chunk_size=65536, num_workers=8),
-        cluster=ClusterConfig(clusters=(1_000_000, 50_000, 10_000, 2_000), iterations=20,
+        # Random init: k-means++ picks its centroids one after another, a collective round each, which a million
+        # clusters cannot afford.
+        cluster=ClusterConfig(clusters=(1_000_000, 50_000, 10_000, 2_000), iterations=20, init="random",
                               resample_steps=(0, 10, 10, 10), resample_size=(1, 10, 5, 3)),
         sample=SampleConfig(fraction=0.1),
     )

@@ -12,6 +12,7 @@ scale) as long as the shorter side stays >= min_side:
                                  the default dataset, so a run needs no data at all
     ProceduralDataset(n, ...)    generated images of 10 visually distinct pattern families (class = family), random
                                  colors, positions, scales and orientations; deterministic per index; for tests
+    concept_image(i, concept)    one of 50 concepts (a family in one of 5 palettes), for curate.py's generated pool
 
 A missing path or an empty dataset raises at construction, naming the path and the fix.
 

@@ -17,9 +17,9 @@ step * global batch + rank * batch + slot, as the map-style loader's (data/sampl
 iBOT masks (data/masking.py) work unchanged.
 
 Resume is exact per shard, not per sample. Every sample carries `shard`: the oldest shard stream index whose samples
-its worker has not all yielded yet (the shard being read or one still in the buffer). The smallest of those over
-the last batch of every worker of every rank (`resume_shard`) is a stream index before which every shard was
-fully consumed: a run restarted there skips no shard and reads again at most the shards in flight (about one per
+its worker has not all yielded once that sample is (one still in the buffer, else the shard being read). The
+smallest of those over the latest batch of every worker of every rank (`resume_shard`) is a stream index before
+which every shard was fully consumed: a run restarted there skips no shard and reads again at most the shards in flight (about one per
 worker) — with other augmentation draws, since positions go on from the resumed step.
 """
 
@@ -185,6 +185,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         global_batch = self.batch_size * self.world_size
         produced, skipped = 0, 0
         for sample, shard, damaged in self._samples(worker, workers):
+            reading = shard
             skipped += damaged
             buffer.append((sample, shard))
             pending[shard] = pending.get(shard, 0) + 1
@@ -193,10 +194,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             pick = int(rng.integers(len(buffer)))
             buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
             sample, shard = buffer.pop()
-            oldest = min(pending)
             pending[shard] -= 1
             if not pending[shard]:
                 del pending[shard]
+            # The oldest shard not all yielded once this sample is: one still in the buffer, else the one being read.
+            oldest = min(pending) if pending else reading
             try:
                 image, label = decode_sample(sample)
                 if min(image.size) < self.min_side:
@@ -252,14 +254,15 @@ def write_shards(images: PathListDataset, folder: str | Path, per_shard: int = 1
 
 
 class _CollateWithShard:
-    """The masking collate, plus the batch's `resume_shard`: the smallest `shard` of its samples."""
+    """The masking collate, plus the batch's `resume_shard`: its last sample's `shard` (a worker's `shard` values
+    never decrease, and a batch comes from one worker)."""
 
     def __init__(self, collate: MaskingCollate) -> None:
         self.collate = collate
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = self.collate(samples)
-        batch["resume_shard"] = torch.tensor(min(s["shard"] for s in samples), dtype=torch.int64)
+        batch["resume_shard"] = torch.tensor(samples[-1]["shard"], dtype=torch.int64)
         return batch
 
 

@@ -107,9 +107,14 @@ def test_train_runs_on_shards_and_checkpoints_the_shard_position(shards, tmp_pat
     from tests.helpers import tiny_config
 
     cfg = tiny_config(tmp_path, "--optim.iterations", "3", "--data.batch-size", "2", "--data.path",
-                      str(shards / "{000000..000007}.tar"), "--data.shuffle-buffer", "4",
+                      str(shards / "{000000..000007}.tar"), "--data.shuffle-buffer", "1",
                       "--run.checkpoint-every", "2")
     summary = train.train(cfg)
     assert summary["step"] == 3
     payload = torch.load(tmp_path / "checkpoint_00000003.pth", weights_only=True)
-    assert payload["stats"]["resume_shard"] >= 0
+    assert payload["stats"]["resume_shard"] == 1  # 6 images from shards of 5 (no shuffling): the first one is done
+    more = tiny_config(tmp_path, "--optim.iterations", "5", "--data.batch-size", "2", "--data.path",
+                       str(shards / "{000000..000007}.tar"), "--data.shuffle-buffer", "1", "--run.checkpoint-every", "2")
+    assert train.train(more)["step"] == 5
+    resumed = torch.load(tmp_path / "checkpoint_00000005.pth", weights_only=True)
+    assert resumed["stats"]["resume_shard"] == 1  # restarted at shard 1: 4 more images, shard 1 not finished

@@ -121,6 +121,20 @@ def _global_row(x: torch.Tensor, index: int, offsets: list[int], dist_info: Dist
     return _all_reduce_sum(row, dist_info).float()
 
 
+def _global_rows(x: torch.Tensor, indices: np.ndarray, offsets: list[int], dist_info: Dist | None,
+                 block: int = 65536) -> torch.Tensor:
+    """Rows `indices` of all ranks' rows, in that order: one all-reduce per block of rows (each rank fills in the
+    rows it owns, zeros elsewhere)."""
+    start, parts = offsets[_rank(dist_info)], []
+    for first in range(0, len(indices), block):
+        wanted = torch.as_tensor(indices[first: first + block], device=x.device)
+        rows = torch.zeros(len(wanted), x.shape[1], dtype=torch.float64, device=x.device)
+        mine = (wanted >= start) & (wanted < start + len(x))
+        rows[mine] = x[wanted[mine] - start].double()
+        parts.append(_all_reduce_sum(rows, dist_info).float())
+    return torch.cat(parts)
+
+
 def init_centroids(x: torch.Tensor, k: int, metric: Metric, init: Init, seed: int,
                    dist_info: Dist | None = None) -> torch.Tensor:
     """[k, d] initial centroids drawn from the rows of all ranks (random distinct rows, or k-means++)."""
@@ -132,8 +146,7 @@ def init_centroids(x: torch.Tensor, k: int, metric: Metric, init: Init, seed: in
                             "(or cluster more data)")
     generator = np.random.default_rng(seed)  # the same draws on every rank
     if init == "random":
-        chosen = generator.choice(n, size=k, replace=False)
-        return torch.stack([_global_row(x, int(i), offsets, dist_info) for i in chosen])
+        return _global_rows(x, generator.choice(n, size=k, replace=False), offsets, dist_info)
     centroids = [_global_row(x, int(generator.integers(n)), offsets, dist_info)]
     closest = distances(x, centroids[0][None], metric)[:, 0].double()
     for _ in range(1, k):

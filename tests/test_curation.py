@@ -172,6 +172,9 @@ def test_planted_near_duplicates_are_removed():
     assert near_duplicates(chain, 0.99).tolist() == [False, True, False]
 
 
+RANK_CASES = (("l2", "kmeans++"), ("cosine", "kmeans++"), ("l2", "random"))
+
+
 def _two_rank_kmeans(rank: int, port: int, x: torch.Tensor, out: dict) -> None:
     import os
 
@@ -184,10 +187,10 @@ def _two_rank_kmeans(rank: int, port: int, x: torch.Tensor, out: dict) -> None:
     half = len(x) // 2 + 13  # unequal shares
     rows = x[:half] if rank == 0 else x[half:]
     info = Dist(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    for metric in ("l2", "cosine"):
-        level = cluster_level(prepare(rows, metric), Level(9, 5, 2, 4), metric, "kmeans++", 3, info)
+    for metric, init in RANK_CASES:
+        level = cluster_level(prepare(rows, metric), Level(9, 5, 2, 4), metric, init, 3, info)
         if rank == 0:
-            out[metric] = level.centroids
+            out[metric, init] = level.centroids
     dist.destroy_process_group()
 
 
@@ -196,6 +199,6 @@ def test_two_ranks_give_the_same_centroids_as_one():
     manager = mp.Manager()
     out = manager.dict()
     mp.spawn(_two_rank_kmeans, args=(free_port(), x, out), nprocs=2)
-    for metric in ("l2", "cosine"):
-        single = cluster_level(prepare(x, metric), Level(9, 5, 2, 4), metric, "kmeans++", 3)
-        assert (out[metric] - single.centroids).abs().max() <= 1e-5
+    for metric, init in RANK_CASES:
+        single = cluster_level(prepare(x, metric), Level(9, 5, 2, 4), metric, init, 3)
+        assert (out[metric, init] - single.centroids).abs().max() <= 1e-5, (metric, init)

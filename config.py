@@ -15,6 +15,7 @@ import tyro
 
 from data.augment import AugmentConfig, CropSizes
 from data.masking import MaskingCollate
+from data.mixture import mixture_problems
 from dino_kernels.common import KernelImpl
 from dino_kernels.sinkhorn import SINKHORN_ITERATIONS
 from losses.dino import CENTER_MOMENTUM
@@ -50,9 +51,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # image folder or .txt file list; None = the photos bundled with scikit-image/learn
+    # Image folder, .txt file list, or WebDataset tar shards ('shards/{000000..000999}.tar', data/shards.py);
+    # None = the photos bundled with scikit-image/learn.
+    path: str | None = None
     batch_size: int = 64  # per rank; global batch = batch_size x world size
     num_workers: int = 8
+    shuffle_buffer: int = 1000  # tar shards: samples each data-loader worker shuffles among
+    # The data mixture (data/mixture.py), instead of `path`: several folders / lists, each sample's part drawn by
+    # `ratios` on heterogeneous steps; a step is homogeneous (all of it from `homogeneous_part`, an index into
+    # `parts`) with probability `homogeneous_p`. The released recipe's form: ImageNet-1k homogeneous 10 % of the
+    # steps, e.g. --data.parts curated.txt retrieved.txt in1k/train --data.ratios 0.8 0.2 0
+    # --data.homogeneous-part 2 --data.homogeneous-p 0.1
+    parts: tuple[str, ...] = ()
+    ratios: tuple[float, ...] = ()
+    homogeneous_part: int | None = None
+    homogeneous_p: float = 0.0
     global_size: int = CropSizes.global_size
     local_size: int = CropSizes.local_size
     mask_probability: float = MaskingCollate.mask_probability  # fraction of global crops that get iBOT masks
@@ -188,6 +201,11 @@ def group_problems(data: DataConfig, augment: AugmentConfig, optim: OptimConfig,
                    teacher_temp: Schedule, patch: int) -> list[str]:
     """What is wrong with the data, augmentation, optimizer and loss settings of a run on `patch`-pixel patches."""
     problems = []
+    if data.parts:
+        problems += mixture_problems(len(data.parts), data.ratios, data.homogeneous_part, data.homogeneous_p)
+        if data.path is not None:
+            problems.append(f"data.path={data.path!r} and data.parts are both set: a mixture replaces the dataset, "
+                            "add --data.path None")
     if data.global_size % patch or data.global_size < patch:
         problems.append(f"data.global_size={data.global_size} is not a positive multiple of the patch size {patch}")
     if data.local_size < patch:  # other sides are fine: the ViT drops the remainder

@@ -81,6 +81,7 @@ from config import (
 )
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from data.shards import is_shard_pattern
 from data.masking import ibot_mask_weights
 from dense import DenseSet, dense_metric, fast_dense_set, log_dense_metric, write_dense_metric
 from figures import pca_figure, save_png
@@ -735,6 +736,9 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     """Reject impossible settings before the teacher is read; returns the students with their ranks."""
     # Every student works on the 16-pixel patch grid.
     problems = group_problems(cfg.data, cfg.augment, cfg.optim, cfg.loss, cfg.teacher.temp, patch=16)
+    if cfg.data.parts or is_shard_pattern(cfg.data.path or ""):
+        problems.append("data.parts (a mixture) and tar shards are read by train.py only: give distill.py an image "
+                        "folder or a .txt list as --data.path")
     if problems:  # before parse_students, whose errors assume a sound batch
         raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(problems))
     specs = parse_students(cfg.students, world_size, cfg.data.batch_size * world_size)

@@ -57,6 +57,8 @@ from config import (
 )
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
+from data.mixture import MixtureImages, MixtureSampler, MixtureSchedule
+from data.shards import ShardImages, ShardProgress, build_shard_loader
 from dense import fast_dense_set, log_dense_metric
 from figures import save_png
 from models.checkpoint import (
@@ -823,14 +825,45 @@ def crop_size_schedule(cfg: TrainConfig) -> CropSizeSchedule:
     return CropSizeSchedule((sizes,), (1.0,), cfg.run.seed)
 
 
-def build_train_loader(dataset: ImageDataset, cfg: TrainConfig, start_step: int, patch_size: int,
-                       dist_info: runtime.Dist):
-    """The multi-crop, masked batches of this rank, from `start_step` on (the same stream as an uninterrupted run)."""
+def build_train_dataset(cfg: TrainConfig) -> ImageDataset | ShardImages:
+    """The dataset of data.path, or the mixture of data.parts (folders and lists; data/mixture.py)."""
+    if not cfg.data.parts:
+        return build_dataset(cfg.data.path)
+    parts = [build_dataset(path) for path in cfg.data.parts]
+    if any(isinstance(part, ShardImages) for part in parts):
+        raise ValueError("data.parts takes image folders and .txt lists; tar shards stream as one data.path")
+    return MixtureImages(parts, list(cfg.data.parts))
+
+
+def mixture_schedule(dataset: MixtureImages, cfg: TrainConfig) -> MixtureSchedule:
+    return MixtureSchedule(tuple(len(part) for part in dataset.parts), tuple(cfg.data.ratios),
+                           cfg.data.homogeneous_part, cfg.data.homogeneous_p, cfg.run.seed)
+
+
+def build_train_loader(dataset: ImageDataset | ShardImages, cfg: TrainConfig, start_step: int, patch_size: int,
+                       dist_info: runtime.Dist, stats: dict | None = None):
+    """The multi-crop, masked batches of this rank, from `start_step` on (the same stream as an uninterrupted run;
+    tar shards: from the checkpoint's shard stream index on, data/shards.py; a mixture: from its parts' counters,
+    data/mixture.py)."""
+    stats = stats or {}
+    sampler = None
+    if isinstance(dataset, MixtureImages):
+        sampler = MixtureSampler(dataset, mixture_schedule(dataset, cfg), cfg.data.batch_size, dist_info.rank,
+                                 dist_info.world_size, start_step, stats.get("part_counts"))
+    if isinstance(dataset, ShardImages):
+        return build_shard_loader(
+            dataset, dataclasses.replace(cfg.augment, patch_size=patch_size), crop_size_schedule(cfg),
+            batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
+            start_step=start_step, start_shard=stats.get("resume_shard", 0), num_workers=cfg.data.num_workers,
+            patch_size=patch_size,
+            shuffle_buffer=cfg.data.shuffle_buffer, mask_probability=cfg.data.mask_probability,
+            mask_ratio=cfg.data.mask_ratio,
+        )
     return build_loader(
         dataset, dataclasses.replace(cfg.augment, patch_size=patch_size), crop_size_schedule(cfg),
         batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
         start_step=start_step, num_workers=cfg.data.num_workers, patch_size=patch_size,
-        mask_probability=cfg.data.mask_probability, mask_ratio=cfg.data.mask_ratio,
+        mask_probability=cfg.data.mask_probability, mask_ratio=cfg.data.mask_ratio, sampler=sampler,
     )
 
 
@@ -838,10 +871,13 @@ class Monitor:
     """Logs each step's terms and schedules and evaluates the EMA teacher: feature maps, k-NN on the procedural
     labeled set and the dense metric, every `run.*_every` steps and at the end; keeps their histories."""
 
-    def __init__(self, cfg: TrainConfig, dataset: ImageDataset, state: TrainState, dist_info: runtime.Dist):
+    def __init__(self, cfg: TrainConfig, dataset: ImageDataset | ShardImages, state: TrainState,
+                 dist_info: runtime.Dist):
         self.cfg, self.dist_info, self.teacher = cfg, dist_info, state.teacher.backbone
         out_dir = Path(cfg.run.output_dir)
         self.writer = start_run_folder(out_dir, cfg, dist_info, state.step)
+        if isinstance(dataset, ShardImages):
+            dataset = dataset.preview()
         self.pca_images = pca_batch(dataset, cfg.data.global_size, dist_info.device)
         self.knn_sets = load_procedural_sets(cfg.run.knn_train_images, cfg.run.knn_train_images // 2,
                                              size=cfg.data.global_size, n_classes=10) if cfg.run.knn_every else None
@@ -885,6 +921,9 @@ class Monitor:
                 scalars["schedule/gram_weight"] = sched.gram_weight
             scalars.update({"train/grad_norm": float(grad_norm), "train/images_per_s": images_per_s,
                             "train/images_skipped": stats["images_skipped"]})
+            if "part_counts" in stats:  # the realized mixture: each part's share of the images so far
+                total = max(sum(stats["part_counts"]), 1)
+                scalars.update({f"data/part{i}_share": count / total for i, count in enumerate(stats["part_counts"])})
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
             log_memory(self.writer, step, self.dist_info.device)
@@ -895,6 +934,8 @@ class Monitor:
             gram = f" gram {last['gram']:.4g}" if "gram" in last else ""
             crops = f"  crops {batch['global_crops'].shape[-1]}px" if cfg.data.size_schedule else ""
             skipped = f"  {stats['images_skipped']} unusable images skipped" if stats["images_skipped"] else ""
+            if "part_counts" in stats:
+                skipped += "  parts " + "/".join(str(count) for count in stats["part_counts"])
             logger.info(f"step {step}/{cfg.optim.iterations}  loss {last['total']:.4f} (dino {last['dino']:.4f} "
                         f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f}{gram})  lr {sched.lr:.2e}{crops}  "
                         f"{images_per_s:.1f} img/s  eta {eta}{skipped}")
@@ -931,7 +972,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     validate_config(cfg, dist_info.world_size)
     # Missing weights files and a missing or empty dataset raise here, before any model is built.
     start = find_starting_point(cfg)
-    dataset = images if images is not None else build_dataset(cfg.data.path)
+    dataset = images if images is not None else build_train_dataset(cfg)
     if cfg.run.deterministic:
         runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)
@@ -941,7 +982,13 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
         for net in (state.student.backbone, state.teacher.backbone, state.gram_teacher):
             if net is not None:
                 net.compile()
-    loader = build_train_loader(dataset, cfg, state.step, state.student.backbone.patch_size, dist_info)
+    loader = build_train_loader(dataset, cfg, state.step, state.student.backbone.patch_size, dist_info, state.stats)
+    shard_progress = None
+    if isinstance(dataset, ShardImages):
+        shard_progress = ShardProgress(state.stats.get("resume_shard", 0), cfg.data.num_workers)
+    mixture = mixture_schedule(dataset, cfg) if isinstance(dataset, MixtureImages) else None
+    if mixture is not None:
+        state.stats.setdefault("part_counts", [0] * len(dataset.parts))
     monitor = Monitor(cfg, dataset, state, dist_info)
 
     checkpointer = Checkpointer(cfg, dist_info)
@@ -951,9 +998,15 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     try:
         while state.step < cfg.optim.iterations:
             t0 = time.perf_counter()
-            batch = runtime.to_device(next(data_iter), dist_info.device)
+            batch = next(data_iter)
+            if shard_progress is not None:
+                shard_progress.consumed(batch)
+            batch = runtime.to_device(batch, dist_info.device)
             sched = prepare_step(state, cfg, dist_info.rank)
             terms, grad_norm = train_step(state, batch, sched, cfg, dist_info)
+            if mixture is not None:  # each part's position: what a resumed sampler starts from
+                counts = mixture.step_counts(state.step, cfg.data.batch_size * dist_info.world_size)
+                state.stats["part_counts"] = [int(a + b) for a, b in zip(state.stats["part_counts"], counts)]
             state.step += 1  # from here on: this step's number in the log and in the checkpoint names
             if grad_norm is None or not torch.isfinite(grad_norm).item():
                 skip_nonfinite_step(state, terms, grad_norm, cfg)
@@ -965,6 +1018,9 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             checkpointer.poll()
             if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.optim.iterations or stop_now:
+                if shard_progress is not None:
+                    state.stats["resume_shard"] = shard_progress.resume_shard(
+                        lambda v: -runtime.all_reduce_max(-v, dist_info))
                 checkpointer.save(state)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoint saved at step {state.step}, "

@@ -12,6 +12,7 @@ scale) as long as the shorter side stays >= min_side:
                                  the default dataset, so a run needs no data at all
     ProceduralDataset(n, ...)    generated images of 10 visually distinct pattern families (class = family), random
                                  colors, positions, scales and orientations; deterministic per index; for tests
+    concept_image(i, concept)    one of 50 concepts (a family in one of 5 palettes), for curate.py's generated pool
 
 A missing path or an empty dataset raises at construction, naming the path and the fix.
 
@@ -39,8 +40,10 @@ import math
 import signal
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,6 +52,9 @@ from PIL import Image
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule, MultiCropAugmentation, sample_rng
 from data.masking import MaskingCollate
 from data.sampler import InfiniteSampler
+
+if TYPE_CHECKING:
+    from data.shards import ShardImages
 
 logger = logging.getLogger(__name__)
 
@@ -278,24 +284,68 @@ def separated_colors(rng: np.random.Generator, min_distance: float = 0.5) -> tup
     return first.astype(np.float32), second.astype(np.float32)
 
 
-def procedural_image(index: int, size: int, n_classes: int, seed: int) -> tuple[Image.Image, int]:
-    """Image `index` of the procedural dataset and its label (index % n_classes): deterministic."""
-    rng = np.random.default_rng([seed, index])
-    label = index % n_classes
+def draw_pattern(rng: np.random.Generator, family: str, size: int,
+                 colors: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]) -> Image.Image:
+    """A `size` x `size` image of one pattern family at a random pose, in the (background, foreground) colors that
+    `colors(rng)` draws, over a faint gradient and noise."""
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
     y, x = np.meshgrid(coords, coords, indexing="ij")
     angle = np.float32(rng.uniform(0.0, 2 * np.pi))
     center = rng.uniform(-0.3, 0.3, size=2).astype(np.float32)
     u = np.cos(angle) * (x - center[0]) + np.sin(angle) * (y - center[1])
     v = -np.sin(angle) * (x - center[0]) + np.cos(angle) * (y - center[1])
-    coverage = pattern_mask(PATTERN_FAMILIES[label], u, v, rng, edge=3.0 / size)[..., None]
-    # Random, well separated colors: the class is in the shape, not in the mean color.
-    background, foreground = separated_colors(rng)
+    coverage = pattern_mask(family, u, v, rng, edge=3.0 / size)[..., None]
+    background, foreground = colors(rng)
     gradient_direction = np.float32(rng.uniform(0.0, 2 * np.pi))
     gradient = np.float32(0.15) * (np.cos(gradient_direction) * x + np.sin(gradient_direction) * y)[..., None]
     pixels = (background + gradient) * (1.0 - coverage) + foreground * coverage
     pixels += 0.03 * rng.standard_normal(pixels.shape, dtype=np.float32)
-    return Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB"), label
+    return Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def procedural_image(index: int, size: int, n_classes: int, seed: int) -> tuple[Image.Image, int]:
+    """Image `index` of the procedural dataset and its label (index % n_classes): deterministic."""
+    rng = np.random.default_rng([seed, index])
+    label = index % n_classes
+    # Random, well separated colors: the class is in the shape, not in the mean color.
+    return draw_pattern(rng, PATTERN_FAMILIES[label], size, separated_colors), label
+
+
+# (background, foreground) RGB of the concept palettes: a concept is a pattern family in one palette, so there are
+# len(PATTERN_FAMILIES) x len(CONCEPT_PALETTES) = 50 concepts, told apart by shape and color.
+CONCEPT_PALETTES = (
+    ((0.10, 0.15, 0.45), (0.95, 0.85, 0.20)),
+    ((0.95, 0.95, 0.90), (0.80, 0.10, 0.10)),
+    ((0.15, 0.45, 0.15), (0.90, 0.30, 0.85)),
+    ((0.05, 0.05, 0.05), (0.20, 0.90, 0.90)),
+    ((0.95, 0.55, 0.10), (0.35, 0.10, 0.50)),
+)
+N_CONCEPTS = len(PATTERN_FAMILIES) * len(CONCEPT_PALETTES)
+
+
+def concept_image(index: int, concept: int, size: int, seed: int) -> Image.Image:
+    """Image `index` of concept `concept` (family concept % 10 in palette concept // 10, colors jittered by
+    +-0.08): deterministic."""
+    if not 0 <= concept < N_CONCEPTS:
+        raise ValueError(f"concept must be in [0, {N_CONCEPTS}), got {concept}")
+    rng = np.random.default_rng([seed, index])
+    palette = CONCEPT_PALETTES[concept // len(PATTERN_FAMILIES)]
+    background, foreground = (np.asarray(c, dtype=np.float32) for c in palette)
+
+    def jittered(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        jitter = rng.uniform(-0.08, 0.08, size=(2, 3)).astype(np.float32)
+        return background + jitter[0], foreground + jitter[1]
+
+    return draw_pattern(rng, PATTERN_FAMILIES[concept % len(PATTERN_FAMILIES)], size, jittered)
+
+
+def zipf_counts(n: int, n_classes: int, exponent: float) -> np.ndarray:
+    """Images per class for a pool of `n` with class k's frequency proportional to 1 / (k + 1)**exponent (largest
+    first); every class gets at least one."""
+    weights = 1.0 / np.arange(1, n_classes + 1, dtype=np.float64) ** exponent
+    counts = np.maximum(np.floor(weights / weights.sum() * n), 1).astype(np.int64)
+    counts[0] += n - counts.sum()
+    return counts
 
 
 class ProceduralDataset(ImageDataset):
@@ -327,13 +377,18 @@ PROCEDURAL_PRETRAIN_IMAGES = 100_000
 PROCEDURAL_PRETRAIN_SIZE = 128
 
 
-def build_dataset(path: str | Path | None) -> ImageDataset:
+def build_dataset(path: str | Path | None) -> ImageDataset | ShardImages:
     """None -> the bundled sample photos; "procedural" -> unlabeled generated images; a folder ->
-    ImageFolderDataset; a .txt file -> FileListDataset."""
+    ImageFolderDataset; a .txt file -> FileListDataset; tar shards ('shards/{000000..000999}.tar') ->
+    data.shards.ShardImages, a stream for data.shards.build_shard_loader."""
     if path is None:
         return SampleImagesDataset()
     if path == "procedural":
         return ProceduralDataset(PROCEDURAL_PRETRAIN_IMAGES, PROCEDURAL_PRETRAIN_SIZE, seed=PROCEDURAL_PRETRAIN_SEED)
+    from data.shards import ShardImages, is_shard_pattern  # it builds on this module
+
+    if is_shard_pattern(str(path)):
+        return ShardImages(str(path))
     path = Path(path)
     if path.is_dir():
         return ImageFolderDataset(path)
@@ -444,6 +499,7 @@ def build_loader(
     mask_probability: float = MaskingCollate.mask_probability,
     mask_ratio: tuple[float, float] = MaskingCollate.mask_ratio,
     pin_memory: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> torch.utils.data.DataLoader:
     """An endless loader of collated batches of `batch_size` images per rank, starting at step `start_step`.
 
@@ -459,9 +515,10 @@ def build_loader(
     global_batch_size = batch_size * world_size
     # Rank r takes the r-th slice of every global batch (block sharding, data/sampler.py) and masks are
     # assigned over the global batch (data/masking.py): the same step on 1 or N ranks sees the same crops.
-    sampler = InfiniteSampler(
-        len(images), rank, world_size, seed, start=start_step * global_batch_size, block=batch_size
-    )
+    if sampler is None:  # otherwise a sampler of the same contract: data/mixture.py's MixtureSampler
+        sampler = InfiniteSampler(
+            len(images), rank, world_size, seed, start=start_step * global_batch_size, block=batch_size
+        )
     dataset = MultiCropDataset(images, MultiCropAugmentation(augment), seed, sizes, global_batch_size)
     collate = MaskingCollate(
         patch_size=patch_size, mask_probability=mask_probability, mask_ratio=mask_ratio, seed=seed,

@@ -469,21 +469,30 @@ def set_aside_incomplete(folder: Path) -> list[Path]:
     """Rank 0, holding the folder's lock, before a run resumes: rename every incomplete or damaged checkpoint in
     `folder` to `<name>.damaged` (never read, never deleted: it is there to be looked at), so that the run resumes
     from the newest complete one and never writes over the damaged one when it saves that step again. Returns the
-    new paths."""
+    new paths. When no complete checkpoint would remain, nothing is moved and a CheckpointError says what to do: a
+    run does not start over from step 0 by itself."""
+    from models.checkpoint import CheckpointError  # (models/ is below this module; imported where needed)
+
     folder = Path(folder)
+    entries = _checkpoint_entries(folder) if folder.is_dir() else []
+    damaged = [(path, problem) for _, path in entries if (problem := checkpoint_problem(path)) is not None]
+    if damaged and len(damaged) == len(entries):
+        path, problem = damaged[-1]
+        moves = " && ".join(f"mv {p} {p}{DAMAGED_SUFFIX}" for p, _ in damaged)
+        raise CheckpointError(
+            f"{folder} holds no complete checkpoint to resume from: {path.name} is incomplete or damaged ({problem}); "
+            f"to start afresh, move {'it' if len(damaged) == 1 else 'them'} aside ({moves}) or pass another "
+            "--run.output-dir")
     moved = []
-    for _, path in _checkpoint_entries(folder) if folder.is_dir() else []:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            continue
+    for path, problem in damaged:
         target = path.with_name(path.name + DAMAGED_SUFFIX)
         n = 1
         while target.exists():
             n += 1
             target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
         os.rename(path, target)
-        logger.warning(f"{path} is incomplete or damaged ({problem}): moved to {target.name}, which is kept and never "
-                       "read; resuming from the newest complete checkpoint")
+        logger.warning(f"{path} is incomplete or damaged ({problem}): moved to {target.name} (kept, never read); "
+                       "resuming from the newest complete checkpoint")
         moved.append(target)
     return moved
 

@@ -196,6 +196,7 @@ def test_a_configuration_error_in_a_real_process_is_one_line_and_debug_shows_the
 
 def test_a_finished_run_started_again_exits_0_with_one_line(tmp_path, monkeypatch, capsys):
     train.train(tiny_config(tmp_path, *ONE_STEP), procedural(n=8))
+    capsys.readouterr()  # the first run's log
     _refuse_building(monkeypatch)
     code, stdout, stderr = _run_cli(monkeypatch, capsys, train, _train_argv(tmp_path, *ONE_STEP))
     assert code == 0 and stderr == ""

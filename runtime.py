@@ -396,8 +396,8 @@ def checkpoint_problem(path: Path) -> str | None:
 
     A file: torch.save's zip archive ends with its central directory, written last, so a file cut short at any point
     (a copy that stopped, a disk that filled up under another writer) lacks it. A folder: meta.json, written last,
-    must be there, readable, and list every other file with its size; folders of older versions, whose meta.json has
-    no list, need DCP's .metadata and the random state of every rank that wrote them."""
+    must be there, readable, and list every other file with its size, and DCP's .metadata and the random state of
+    every rank that wrote the folder must be among them."""
     try:
         return _checkpoint_problem(Path(path))
     except OSError as err:  # e.g. moved aside by rank 0 while another rank looks at it
@@ -420,10 +420,10 @@ def _checkpoint_problem(path: Path) -> str | None:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError) as err:
         return f"its {SHARDED_MARKER} cannot be read ({type(err).__name__}: {err})"
-    files = meta.get(MANIFEST_KEY)
-    if files is None:
-        files = {".metadata": None, **{f"rng_{r}.pt": None for r in range(int(meta.get("world_size", 1)))}}
-    for name, size in files.items():
+    # DCP's index and every writer's random state must be there even if the manifest missed them (a folder that
+    # another process emptied while it was written); folders of older versions have no manifest.
+    required = {".metadata": None, **{f"rng_{r}.pt": None for r in range(int(meta.get("world_size", 1)))}}
+    for name, size in {**required, **meta.get(MANIFEST_KEY, {})}.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"

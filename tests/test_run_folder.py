@@ -15,6 +15,7 @@ and the entry points' one-line errors (issue 26).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -260,7 +261,16 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _emptied_while_written(folder: Path) -> None:
+    """The held-out case: a folder whose rng file was gone before rank 0 wrote meta.json (so its list lacks it)."""
+    (folder / "rng_0.pt").unlink()
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"].pop("rng_0.pt")
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
 HALF_WRITTEN = {
+    "rng file missing before meta.json was written": _emptied_while_written,
     "rng file missing (meta.json there)": lambda f: (f / "rng_0.pt").unlink(),
     "shard missing": lambda f: (f / "__0_0.distcp").unlink(),
     "shard cut short": lambda f: _truncate(f / "__0_0.distcp"),

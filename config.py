@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import tyro
 
 from data.augment import AugmentConfig, CropSizes
@@ -256,6 +257,8 @@ def run_problems(run: RunConfig) -> list[str]:
                         "and when the run is stopped)")
     if run.log_every < 1:
         problems.append(f"run.log_every={run.log_every} must be >= 1")
+    if run.device == "cuda" and not torch.cuda.is_available():
+        problems.append("run.device='cuda' but no CUDA device is visible: use --run.device cpu (or auto)")
     return problems
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import distill
 import runtime
@@ -150,6 +151,8 @@ CASES = [
     ("train", ["--run.checkpoint-every", "-1"], "run.checkpoint_every=-1 must be >= 0"),
     ("train", ["--run.log-every", "0"], "run.log_every=0 must be >= 1"),
     ("train", ["--data.batch-size", "0"], "data.batch_size=0 must be at least 1"),
+    *([("train", ["--run.device", "cuda"], "run.device='cuda' but no CUDA device is visible")]
+      if not torch.cuda.is_available() else []),
     ("train", ["--data.batch-size", "-3"], "data.batch_size=-3 must be at least 1"),
     ("train", lambda tmp: ["--data.path", str(tmp / "missing")], "missing' does not exist"),
     ("train", lambda tmp: ["--data.path", _empty_folder(tmp)], "no images found in folder"),

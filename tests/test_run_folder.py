@@ -4,7 +4,7 @@ and the entry points' one-line errors (issue 26).
 - A second run on a folder whose lock is held stops before building anything, with one line naming the holder.
 - Every configuration error of train.py and distill.py (one table): one line on stderr, exit status 2, no
   traceback, raised before any process group, model or loader exists; `--debug` shows the traceback.
-- A finished run started again exits 0 with one line (a SLURM requeue).
+- A finished run (train.py or distill.py) started again exits 0 with one line (a SLURM requeue).
 - `--run.checkpoint-every 0`: checkpoints only at the end.
 - A truncated newest checkpoint file, and sharded folders half-written in every way, are never resumed: the run
   falls back to the newest complete one, naming the damaged one, which is kept as `<name>.damaged`; with nothing
@@ -33,7 +33,15 @@ import distill
 import runtime
 import train
 from models.checkpoint import CheckpointError, read_checkpoint_file, read_weights
-from tests.helpers import DISTILL_FLAGS, REPO, TINY_FLAGS, procedural, process_env, tiny_config
+from tests.helpers import (
+    DISTILL_FLAGS,
+    REPO,
+    TINY_FLAGS,
+    distill_config,
+    procedural,
+    process_env,
+    tiny_config,
+)
 
 ONE_STEP = ("--optim.iterations", "1", "--data.batch-size", "2")
 
@@ -206,6 +214,18 @@ def test_a_finished_run_started_again_exits_0_with_one_line(tmp_path, monkeypatc
     assert code == 0 and stderr == ""
     assert stdout == (f"{tmp_path} is finished: checkpoint_00000001.pth is at step 1 of optim.iterations=1; nothing "
                       "to run (raise --optim.iterations to train further)\n")
+
+
+def test_a_finished_distillation_started_again_exits_0_with_one_line(tmp_path, monkeypatch, capsys, teacher_files):
+    flags = ["--optim.iterations", "1", "--data.batch-size", "2", "--run.checkpoint-every", "0"]
+    distill.distill(distill_config(tmp_path, teacher_files["heads"], "--students", "vit_tiny", *flags), procedural())
+    capsys.readouterr()
+    _refuse_building(monkeypatch)
+    code, stdout, stderr = _run_cli(monkeypatch, capsys, distill,
+                                    _distill_argv(tmp_path, teacher_files["heads"], *flags))
+    assert code == 0 and stderr == ""
+    assert stdout == (f"{tmp_path} is finished: every student has its checkpoint of step 1 of 1; nothing to run "
+                      "(raise --optim.iterations or the phases' iterations to train further)\n")
 
 
 def test_checkpoint_every_0_means_only_at_the_end(tmp_path):

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import tyro
 
 from data.augment import AugmentConfig, CropSizes
@@ -187,9 +188,11 @@ OFFICIAL_HRFT_PROBABILITIES = (0.3, 0.3, 0.3, 0.05, 0.05)
 
 def parse_cli(presets: dict, argv: list[str] | None = None):
     """`[preset] [--field value ...]` -> that preset with the fields overridden; without a preset name, the first
-    preset. `--deterministic` and `--print-config` are short for `--run.deterministic` and `--run.print-config`."""
+    preset. `--deterministic` and `--print-config` are short for `--run.deterministic` and `--run.print-config`;
+    `--debug` is dropped."""
     short = {"--deterministic": "--run.deterministic", "--print-config": "--run.print-config"}
-    argv = [short.get(arg, arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    # --debug belongs to runtime.run_cli (tracebacks of user errors), not to the config.
+    argv = [short.get(arg, arg) for arg in (sys.argv[1:] if argv is None else argv) if arg != "--debug"]
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = [next(iter(presets)), *argv]
     if argv[0] not in presets and not argv[0].startswith("-"):
@@ -220,9 +223,15 @@ def group_problems(data: DataConfig, augment: AugmentConfig, optim: OptimConfig,
         problems.append(f"data.mask_probability={data.mask_probability} must be in [0, 1]")
     if optim.iterations < 1:
         problems.append("optim.iterations must be at least 1")
+    if augment.n_local_crops and not data.size_schedule and data.local_size > data.global_size:
+        problems.append(f"data.local_size={data.local_size} is larger than data.global_size={data.global_size}: local "
+                        "crops are the small views; swap the two or lower --data.local-size")
     for name, schedule in (("optim.lr", optim.lr), ("optim.weight_decay", optim.weight_decay),
                            ("teacher.temp", teacher_temp), ("loss.dino_local_weight", loss.dino_local_weight)):
         problems += schedule.problems(name)
+    problems += value_problems("optim.lr", optim.lr, low=0.0)
+    problems += value_problems("optim.weight_decay", optim.weight_decay, low=0.0)
+    problems += value_problems("teacher.temp", teacher_temp, low=0.0, low_inclusive=False)
     if loss.koleo_group_size is not None and loss.koleo_group_size < 2:
         problems.append(f"loss.koleo_group_size={loss.koleo_group_size} must be >= 2 (or None: the rank's batch)")
     if data.gram_teacher_size is not None and (data.gram_teacher_size % patch or data.gram_teacher_size < patch):
@@ -235,7 +244,43 @@ def group_problems(data: DataConfig, augment: AugmentConfig, optim: OptimConfig,
             problems.append(f"data.size_probabilities={data.size_probabilities} must be >= 0 and sum to 1")
         bad = [size for g, local, t in data.size_schedule for size in (g, t) if size % patch or size < patch]
         bad += [local for _, local, _ in data.size_schedule if local < patch]
+        bad += [local for g, local, _ in data.size_schedule if augment.n_local_crops and local > g]
         if bad:
             problems.append(f"data.size_schedule sizes {sorted(set(bad))} do not fit the patch size {patch}: global and "
-                            "Gram-teacher sizes must be positive multiples of it, local sizes at least one patch")
+                            "Gram-teacher sizes must be positive multiples of it, local sizes at least one patch and "
+                            "at most the global size")
     return problems
+
+
+def value_problems(name: str, schedule: Schedule, low: float, high: float | None = None,
+                   low_inclusive: bool = True) -> list[str]:
+    """Values of `schedule` (start, peak, end) outside [low, high] (low excluded when not low_inclusive)."""
+    bound = f"{'>=' if low_inclusive else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
+    problems = []
+    for part in ("start", "peak", "end"):
+        value = getattr(schedule, part)
+        if value is None:
+            continue
+        if value < low or (value == low and not low_inclusive) or (high is not None and value > high):
+            flag = "--" + name.replace("_", "-") + "." + part
+            problems.append(f"{name}.{part}={value:g} must be {bound} ({flag})")
+    return problems
+
+
+def run_problems(run: RunConfig) -> list[str]:
+    """What is wrong with the run settings both entry points share."""
+    problems = []
+    if run.checkpoint_every < 0:
+        problems.append(f"run.checkpoint_every={run.checkpoint_every} must be >= 0 (0: a checkpoint only at the end "
+                        "and when the run is stopped)")
+    if run.log_every < 1:
+        problems.append(f"run.log_every={run.log_every} must be >= 1")
+    if run.device == "cuda" and not torch.cuda.is_available():
+        problems.append("run.device='cuda' but no CUDA device is visible: use --run.device cpu (or auto)")
+    return problems
+
+
+def raise_problems(what: str, problems: list[str]) -> None:
+    """One line naming every problem (ValueError), or nothing when there is none."""
+    if problems:
+        raise ValueError(f"invalid {what} config: " + "; ".join(problems))

@@ -75,6 +75,8 @@ from config import (
     RunConfig,
     group_problems,
     parse_cli,
+    raise_problems,
+    run_problems,
 )
 from config import (
     TeacherConfig as EMATeacherConfig,
@@ -646,10 +648,18 @@ def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
     runtime.atomic_save(export_official(run.net.backbone), folder / "backbone.pth")
 
 
-def resume_step(cfg: DistillConfig, specs: list[StudentSpec]) -> int:
-    """The newest step every student has a checkpoint of (0 for a fresh run)."""
+def resume_step(cfg: DistillConfig, specs: list[StudentSpec], is_main: bool = True) -> int:
+    """The newest step every student has a complete checkpoint of (0 for a fresh run); rank 0 first moves incomplete
+    ones aside (`runtime.set_aside_incomplete`). RunFinished when that step is the end of the schedule."""
+    if is_main:
+        for spec in specs:
+            runtime.set_aside_incomplete(student_dir(cfg, spec))
     steps = [{s for s, _ in runtime.list_checkpoints(student_dir(cfg, spec))} for spec in specs]
     common = set.intersection(*steps)
+    if common and max(common) >= total_steps(cfg):
+        raise runtime.RunFinished(f"{cfg.run.output_dir} is finished: every student has its checkpoint of step "
+                                  f"{max(common)} of {total_steps(cfg)}; nothing to run (raise --optim.iterations or "
+                                  "the phases' iterations to train further)")
     if common:
         return max(common)
     if any(steps):
@@ -739,8 +749,8 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     if cfg.data.parts or is_shard_pattern(cfg.data.path or ""):
         problems.append("data.parts (a mixture) and tar shards are read by train.py only: give distill.py an image "
                         "folder or a .txt list as --data.path")
-    if problems:  # before parse_students, whose errors assume a sound batch
-        raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(problems))
+    problems += run_problems(cfg.run)
+    raise_problems("distillation", problems)  # before parse_students, whose errors assume a sound batch
     specs = parse_students(cfg.students, world_size, cfg.data.batch_size * world_size)
     if cfg.run.parallel != "ddp":
         problems.append("run.parallel must be 'ddp': students are data-parallel within their rank groups")
@@ -771,8 +781,7 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     elif not Path(cfg.teacher.checkpoint).exists():
         problems.append(f"teacher.checkpoint {cfg.teacher.checkpoint} does not exist "
                         "(the demo teacher is written by `python train.py`)")
-    if problems:
-        raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(problems))
+    raise_problems("distillation", problems)
     return specs
 
 
@@ -939,16 +948,25 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
 
     `images` replaces the dataset named by cfg.data.path (tests pass a ProceduralDataset).
     """
+    rank, world_size = runtime.launch_rank_and_world()
+    runtime.setup_logging(Path(cfg.run.output_dir), rank == 0)
+    with runtime.checks_before_building():  # the user's mistakes, before any process group or model exists
+        specs = validate_config(cfg, world_size)
+    with runtime.run_folder_lock(Path(cfg.run.output_dir), rank == 0):
+        with runtime.checks_before_building():
+            start_step = resume_step(cfg, specs, is_main=rank == 0) if cfg.run.resume else 0
+            dataset = images if images is not None else build_dataset(cfg.data.path)
+        return run_distillation(cfg, specs, start_step, dataset)
+
+
+def run_distillation(cfg: DistillConfig, specs: list[StudentSpec], start_step: int, dataset: ImageDataset) -> dict:
+    """The run itself, once `distill` has checked what it starts from."""
     dist_info = runtime.setup_distributed(cfg.run.device, cfg.run.dist_timeout_s)
-    runtime.setup_logging(Path(cfg.run.output_dir), dist_info.is_main)
-    specs = validate_config(cfg, dist_info.world_size)
-    dataset = images if images is not None else build_dataset(cfg.data.path)
     if cfg.run.deterministic:
         runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)
     teacher = setup_teacher(cfg, dist_info.device)
     runs = setup_students(specs, teacher, cfg, dist_info)
-    start_step = resume_step(cfg, specs) if cfg.run.resume else 0
     if start_step:
         for run in runs:
             load_student(start_step, run, cfg)
@@ -972,7 +990,7 @@ def distill(cfg: DistillConfig, images: ImageDataset | None = None) -> dict:
             monitor.log_step(step, phase, stats, sched, time.perf_counter() - t0)
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
-            if step % cfg.run.checkpoint_every == 0 or step == monitor.n_steps or stop_now:
+            if runtime.is_due(step, cfg.run.checkpoint_every) or step == monitor.n_steps or stop_now:
                 save_students(step, runs, cfg, dist_info)
             if stop_now:
                 logger.info(f"received {stop.signal_name or 'a stop signal'}: checkpoints saved at step {step}, "
@@ -1026,4 +1044,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_cli(main, one_line=(CheckpointError,))

@@ -6,6 +6,7 @@ checkpointing).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -110,6 +111,14 @@ def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_inf
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
             dist_info.device.type == "cuda" and cfg.bf16) else MixedPrecisionPolicy()
+        # FSDP2 hooks its pre-backward all-gather onto every output of a sharded module and warns (on every rank,
+        # every step) when an output is a view, which an in-place op could strip of the hook. The backbone's outputs
+        # are views -- class token, registers and patch tokens are slices of one normalized tensor -- but nothing
+        # modifies them in place (torch.cat, index_select, the heads and the Gram loss read them), and the FSDP runs
+        # of tests/test_train.py match one process on the whole batch to 1e-5. Cloning them would copy every patch
+        # token of every crop for nothing.
+        warnings.filterwarnings("ignore",
+                                message=r"FSDP2-wrapped module \(FSDPVisionTransformer\) returned a view tensor")
         # Backbone and heads are sharded units of their own (not the SSLNet root), so the teacher's
         # teacher_forward, which calls them directly, triggers their all-gathers too.
         for net in (student, teacher):

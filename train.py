@@ -53,7 +53,10 @@ from config import (
     TeacherConfig,
     group_problems,
     parse_cli,
+    raise_problems,
+    run_problems,
     sharded_checkpoints,
+    value_problems,
 )
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule
 from data.datasets import ImageDataset, build_dataset, build_loader
@@ -309,6 +312,8 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     problems = group_problems(cfg.data, cfg.augment, cfg.optim, cfg.loss, cfg.teacher.temp, patch)
     for name, schedule in (("teacher.momentum", cfg.teacher.momentum), ("gram.weight", cfg.gram.weight)):
         problems += schedule.problems(name)
+    problems += value_problems("teacher.momentum", cfg.teacher.momentum, low=0.0, high=1.0)
+    problems += run_problems(cfg.run)
     if cfg.init_continues_run and cfg.init_from is None:
         problems.append("init_continues_run needs --init-from (the train.py checkpoint whose run to continue)")
     if cfg.init_student_from == "teacher" and cfg.init_from is None:
@@ -334,8 +339,7 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
                         "or --run.checkpoint-format sharded)")
     if cfg.run.parallel == "fsdp" and world_size == 1:
         logger.info("parallel=fsdp with one process: sharding over a single rank (works, saves nothing)")
-    if problems:
-        raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+    raise_problems("training", problems)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -748,9 +752,19 @@ class StartingPoint:
     gram_init: Path | None  # --gram.init-from's file, when not resuming (a resumed run has its own Gram teacher)
 
 
-def find_starting_point(cfg: TrainConfig) -> StartingPoint:
-    existing = runtime.list_checkpoints(Path(cfg.run.output_dir)) if cfg.run.resume else []
+def find_starting_point(cfg: TrainConfig, is_main: bool = True) -> StartingPoint:
+    """The newest complete checkpoint of the run's folder (rank 0 first moves incomplete ones aside:
+    `runtime.set_aside_incomplete`), else the files of --init-from and --gram.init-from. RunFinished when the
+    folder's newest checkpoint is at the end of the schedule already."""
+    out_dir = Path(cfg.run.output_dir)
+    if cfg.run.resume and is_main:
+        runtime.set_aside_incomplete(out_dir)
+    existing = runtime.list_checkpoints(out_dir) if cfg.run.resume else []
     resume = existing[-1][1] if existing else None
+    if existing and existing[-1][0] >= cfg.optim.iterations:
+        raise runtime.RunFinished(f"{out_dir} is finished: {resume.name} is at step {existing[-1][0]} of "
+                                  f"optim.iterations={cfg.optim.iterations}; nothing to run (raise --optim.iterations "
+                                  "to train further)")
     init = resolve_checkpoint_source(cfg.init_from, "--init-from") if cfg.init_from and resume is None else None
     gram_init = resolve_checkpoint_source(cfg.gram.init_from, "--gram.init-from") if (
         cfg.gram.enabled and cfg.gram.init_from and resume is None) else None
@@ -908,7 +922,9 @@ class Monitor:
     def log_step(self, step: int, terms: dict, sched: Schedules, grad_norm: torch.Tensor, seconds: float,
                  batch: dict, stats: dict) -> None:
         cfg, images_per_s = self.cfg, self.cfg.data.batch_size * self.dist_info.world_size / seconds
-        self.last = {k: v.item() for k, v in terms.items()}
+        # The mean over ranks (each rank's terms are over its own share of the batch: its masked crops, its KoLeo
+        # neighbours), so that runs on different numbers of processes log comparable curves.
+        self.last = runtime.mean_over_ranks(terms, self.dist_info)
         for name, value in self.last.items():
             self.term_history.setdefault(name, []).append(value)
         if self.writer is not None:
@@ -965,14 +981,25 @@ class Monitor:
 def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
     """Run (or resume) a training run; returns a summary (final step, loss history, paths).
 
-    `images` replaces the dataset named by cfg.data.path (tests pass a ProceduralDataset).
+    `images` replaces the dataset named by cfg.data.path (tests pass a ProceduralDataset). What a user can get wrong
+    -- the config, another run in the output folder, the checkpoint to resume, the weights to start from, the data --
+    raises before any process group, model or loader is built (`runtime.run_cli` makes it one line, exit status 2);
+    rank 0 holds the output folder's lock until the run ends.
     """
+    rank, world_size = runtime.launch_rank_and_world()
+    runtime.setup_logging(Path(cfg.run.output_dir), rank == 0)
+    with runtime.checks_before_building():
+        validate_config(cfg, world_size)
+    with runtime.run_folder_lock(Path(cfg.run.output_dir), rank == 0):
+        with runtime.checks_before_building():
+            start = find_starting_point(cfg, is_main=rank == 0)
+            dataset = images if images is not None else build_train_dataset(cfg)
+        return run_training(cfg, start, dataset)
+
+
+def run_training(cfg: TrainConfig, start: StartingPoint, dataset: ImageDataset | ShardImages) -> dict:
+    """The run itself, once `train` has checked what it starts from."""
     dist_info = runtime.setup_distributed(cfg.run.device, cfg.run.dist_timeout_s)
-    runtime.setup_logging(Path(cfg.run.output_dir), dist_info.is_main)
-    validate_config(cfg, dist_info.world_size)
-    # Missing weights files and a missing or empty dataset raise here, before any model is built.
-    start = find_starting_point(cfg)
-    dataset = images if images is not None else build_train_dataset(cfg)
     if cfg.run.deterministic:
         runtime.make_deterministic()
     runtime.seed_everything(cfg.run.seed)
@@ -1017,7 +1044,7 @@ def train(cfg: TrainConfig, images: ImageDataset | None = None) -> dict:
 
             stop_now = runtime.all_reduce_max(1.0 if stop.is_set else 0.0, dist_info) > 0
             checkpointer.poll()
-            if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.optim.iterations or stop_now:
+            if runtime.is_due(state.step, cfg.run.checkpoint_every) or state.step == cfg.optim.iterations or stop_now:
                 if shard_progress is not None:
                     state.stats["resume_shard"] = shard_progress.resume_shard(
                         lambda v: -runtime.all_reduce_max(-v, dist_info))
@@ -1063,4 +1090,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_cli(main, one_line=(CheckpointError,))

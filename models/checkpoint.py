@@ -140,6 +140,9 @@ def read_sharded_metadata(path: Path) -> tuple[dict, dict]:
     if not marker.is_file():
         raise CheckpointError(f"{path} is a sharded checkpoint folder without its {runtime.SHARDED_MARKER} (written "
                               "last): its save did not finish; use an earlier checkpoint of the run")
+    problem = runtime.checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"sharded checkpoint {path} is damaged: {problem}; use an earlier checkpoint of the run")
     try:
         return json.loads(marker.read_text()), dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as err:

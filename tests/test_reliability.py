@@ -345,6 +345,10 @@ def test_broken_or_foreign_checkpoints_give_errors_that_say_what_the_file_is(tmp
     truncated = _output_dir_with(tmp_path, "truncated", checkpoint[: len(checkpoint) // 2])
     with pytest.raises(CheckpointError, match=r"truncated/checkpoint_00000001.pth is not a readable PyTorch "
                                               r"checkpoint \(truncated or corrupt"):
+        read_checkpoint_file(truncated / "checkpoint_00000001.pth")
+    # Resuming from it: never (tests/test_run_folder.py); as the folder's only checkpoint, the run refuses.
+    with pytest.raises(CheckpointError, match=r"truncated holds no complete checkpoint to resume from: "
+                                              r"checkpoint_00000001.pth is incomplete or damaged"):
         train.train(tiny_config(truncated, *flags), procedural())
 
     released = _output_dir_with(tmp_path, "released", (one_step_run / "teacher_backbone.pth").read_bytes())

@@ -92,8 +92,8 @@ def test_one_process_sharded_resume_ends_bitwise_as_the_file_run(tmp_path, shard
 
 def test_partial_and_damaged_folders_are_ignored_or_named(tmp_path, sharded_run, caplog):
     """A folder without meta.json (a save that did not finish) is not a checkpoint: resuming ignores it (and says
-    so once), naming it is a clear error; a folder with a missing shard file fails to resume with an error that
-    names it; .tmp folders are removed at the next save."""
+    so once), naming it is a clear error; a folder with a missing shard file is not resumed either, and an error
+    names the file; .tmp folders are removed at the next save."""
     run = tmp_path / "run"
     shutil.copytree(sharded_run, run)
     partial = run / "checkpoint_00000006"
@@ -117,9 +117,11 @@ def test_partial_and_damaged_folders_are_ignored_or_named(tmp_path, sharded_run,
     damaged.mkdir()
     shutil.copytree(sharded_run / "checkpoint_00000004", damaged / "checkpoint_00000004")
     (damaged / "checkpoint_00000004" / "__0_0.distcp").unlink()
-    with pytest.raises(CheckpointError, match=r"checkpoint_00000004 is damaged: its shards cannot be read"):
+    # Its only checkpoint damaged, the run refuses (it does not start over from step 0 by itself).
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint to resume from: checkpoint_00000004 is "
+                                              r"incomplete or damaged \(__0_0.distcp is missing\)"):
         train.train(tiny_config(damaged, *SHARDED, *FLAGS[2:], "--optim.iterations", "5"), procedural(n=24))
-    with pytest.raises(CheckpointError, match=r"is damaged"):
+    with pytest.raises(CheckpointError, match=r"is damaged: __0_0.distcp is missing"):
         read_weights(damaged / "checkpoint_00000004")
 
 

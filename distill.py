@@ -97,6 +97,14 @@ from models.checkpoint import (
     read_weights,
 )
 from models.convnext import CONVNEXT_ARCHS, MIN_INPUT_SIZE, MaskMode, build_convnext
+from models.external import (
+    ExternalBackbone,
+    build_external,
+    export_external,
+    is_external,
+    load_pretrained,
+    spec_problem,
+)
 from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
 from monitor import pca_batch, start_run_folder
@@ -109,7 +117,7 @@ from student_teacher import SSLNet, checkpoint_activations, multi_crop_tokens
 logger = logging.getLogger("dinov3")
 
 N_GLOBAL = 2  # global crops per image
-STUDENT_ARCHS = (*VIT_ARCHS, *CONVNEXT_ARCHS)
+STUDENT_ARCHS = (*VIT_ARCHS, *CONVNEXT_ARCHS)  # and any timm:<model> / torchvision:<model> (models/external.py)
 HEADS_TERMS = ("total", "dino", "dino_global", "dino_local", "ibot", "koleo")
 FEATURE_TERMS = ("total", "cls", "cls_global", "cls_local", "patch", "koleo")
 TEACHER_HOW_TO = ("pass --teacher.checkpoint: a train.py checkpoint or run folder (its heads are distilled) or a "
@@ -138,9 +146,26 @@ class StudentConfig:
 
     drop_path_rate: float = 0.0
     layerscale_init: float | None = None  # None: the architecture's own (ViT 1e-5, ConvNeXt 1e-6)
-    convnext_mask_mode: MaskMode = "ignore"  # iBOT masks for ConvNeXt students, see models/convnext.py
+    convnext_mask_mode: MaskMode = "ignore"  # iBOT masks for ConvNeXt, timm and torchvision students (convnext.py)
     attn_impl: AttnImpl = "auto"
-    feature_head_hidden: int = 2048  # "features" objective: hidden width of the student projection heads
+    feature_head_hidden: int = 2048  # "features" objective, mlp adapter: hidden width of the projection heads
+    # Local weights for timm/torchvision students, as SPEC=PATH (e.g. timm:resnet18=resnet18.pth): a state dict in
+    # the library's key names; students not listed start from the library's random initialization.
+    pretrained: tuple[str, ...] = ()
+
+
+@dataclass
+class FeaturesConfig:
+    """The "features" objective (module docstring): adapters from the student's tokens to the teacher's, the
+    distance and the weight of each term (cls: class token; patch: patch tokens; koleo: the student's own class
+    tokens)."""
+
+    adapter: Literal["mlp", "linear"] = "mlp"  # mlp: Linear-GELU-Linear; linear: one layer (a 1x1 conv on the map)
+    distance: Literal["cosine", "smooth_l1"] = "cosine"
+    smooth_l1_beta: float = 1.0  # smooth_l1: where it turns from quadratic to linear (teacher tokens are normed)
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+    koleo_weight: float = 0.1
 
 
 @dataclass
@@ -163,7 +188,8 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)  # batch_size: per rank (the teacher's shard)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # the "heads" objective
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)  # the "features" objective
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
 
@@ -296,9 +322,10 @@ def parse_students(spec: str, world_size: int, global_batch: int) -> list[Studen
         raise ValueError("students: give at least one student, e.g. --students vit_small or vit_small:2,vit_base:2")
     archs, counts = [], []
     for entry in entries:
-        arch, _, count = entry.partition(":")
-        if arch not in STUDENT_ARCHS:
-            raise ValueError(f"students: unknown architecture {arch!r}; choose from {', '.join(STUDENT_ARCHS)}")
+        arch, count = split_student_entry(entry)
+        if arch not in STUDENT_ARCHS and not is_external(arch):
+            raise ValueError(f"students: unknown architecture {arch!r}; choose from {', '.join(STUDENT_ARCHS)}, "
+                             "timm:<model> or torchvision:<model>")
         if count and (not count.isdigit() or int(count) < 1):
             raise ValueError(f"students: rank count {count!r} of {arch} must be a positive integer")
         archs.append(arch)
@@ -323,6 +350,15 @@ def parse_students(spec: str, world_size: int, global_batch: int) -> list[Studen
         specs.append(StudentSpec(i, arch, tuple(range(first, first + count))))
         first += count
     return specs
+
+
+def split_student_entry(entry: str) -> tuple[str, str]:
+    """'arch[:ranks]' -> (arch, ranks or ''); a timm:<model>[:ranks] spec keeps its library prefix."""
+    if is_external(entry):
+        spec, _, count = entry.rpartition(":")
+        return (spec, count) if is_external(spec) else (entry, "")
+    arch, _, count = entry.partition(":")
+    return arch, count
 
 
 def suggest_rank_counts(seconds_per_image: list[float], world_size: int) -> list[int]:
@@ -369,6 +405,12 @@ class Student(nn.Module):
 
 
 def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
+    if is_external(arch):
+        backbone = build_external(arch, mask_mode=cfg.convnext_mask_mode)
+        weights = pretrained_files(cfg).get(arch)
+        if weights is not None:
+            load_pretrained(backbone, weights)
+        return backbone
     overrides: dict = {"drop_path_rate": cfg.drop_path_rate}
     if cfg.layerscale_init is not None:
         overrides["layerscale_init"] = cfg.layerscale_init
@@ -377,8 +419,16 @@ def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
     return build_convnext(arch, mask_mode=cfg.convnext_mask_mode, **overrides)
 
 
-def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """"features" objective: student tokens -> the teacher's width (Linear, GELU, Linear)."""
+def pretrained_files(cfg: StudentConfig) -> dict[str, str]:
+    """student.pretrained's SPEC=PATH entries as spec -> path."""
+    return dict(entry.split("=", 1) for entry in cfg.pretrained)
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, kind: Literal["mlp", "linear"] = "mlp") -> nn.Module:
+    """"features" objective: student tokens -> the teacher's width (Linear, GELU, Linear; or one Linear, which on
+    the resized feature map is a 1x1 convolution). Trained with the student, dropped at export."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
@@ -391,9 +441,9 @@ def build_student(spec: StudentSpec, teacher: Teacher, cfg: DistillConfig) -> St
         m = teacher.model_cfg
         return Student(backbone, DINOHead(dim, m.dino_prototypes, m.dino_hidden, m.dino_bottleneck),
                        DINOHead(dim, m.ibot_prototypes, m.ibot_hidden, m.ibot_bottleneck))
-    hidden = cfg.student.feature_head_hidden
-    return Student(backbone, projection_head(dim, hidden, teacher.embed_dim),
-                   projection_head(dim, hidden, teacher.embed_dim))
+    hidden, kind = cfg.student.feature_head_hidden, cfg.features.adapter
+    return Student(backbone, projection_head(dim, hidden, teacher.embed_dim, kind),
+                   projection_head(dim, hidden, teacher.embed_dim, kind))
 
 
 def wrap_student(student: Student, group, group_size: int, device: torch.device) -> nn.Module:
@@ -471,13 +521,24 @@ def _cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-6)
 
 
-class FeatureLosses(nn.Module):
-    """The "features" objective (module docstring): cosine distances of class and patch tokens, plus KoLeo."""
+def _smooth_l1_distance(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Smooth-L1 between matching rows, averaged over the last dim, in float32."""
+    student, teacher = torch.broadcast_tensors(student.float(), teacher.float())
+    return F.smooth_l1_loss(student, teacher, reduction="none", beta=beta).mean(dim=-1)
 
-    def __init__(self, cfg: LossConfig, group):
+
+class FeatureLosses(nn.Module):
+    """The "features" objective (module docstring): distances of class and patch tokens, plus KoLeo."""
+
+    def __init__(self, loss: LossConfig, features: FeaturesConfig, group):
         super().__init__()
-        self.cfg = cfg
-        self.koleo = build_koleo(cfg, group)
+        self.cfg, self.features = loss, features
+        self.koleo = build_koleo(loss, group)
+
+    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.features.distance == "smooth_l1":
+            return _smooth_l1_distance(student, teacher, self.features.smooth_l1_beta)
+        return _cosine_distance(student, teacher)
 
     def forward(self, student_out: StudentOutputs, batch: dict) -> dict[str, torch.Tensor]:
         cls_projected, patches_projected, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
@@ -485,12 +546,13 @@ class FeatureLosses(nn.Module):
         n_images = teacher_cls.shape[0] // N_GLOBAL
         student_cls = cls_projected.view(-1, n_images, cls_projected.shape[-1])  # [crops, B, C_t]
         teacher_cls = teacher_cls.view(N_GLOBAL, n_images, -1)
-        same_view = _cosine_distance(student_cls[:N_GLOBAL], teacher_cls).mean(dim=1)  # [2]
-        local_to_global = _cosine_distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
+        same_view = self.distance(student_cls[:N_GLOBAL], teacher_cls).mean(dim=1)  # [2]
+        local_to_global = self.distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
         cls_loss = torch.cat([same_view, local_to_global]).mean()
-        patch_loss = _cosine_distance(patches_projected, batch["teacher_patches"]).mean()
+        patch_loss = self.distance(patches_projected, batch["teacher_patches"]).mean()
         koleo = koleo_of_crops(self.koleo, cls_global, N_GLOBAL, self.cfg.koleo_crops)
-        total = self.cfg.dino_weight * cls_loss + self.cfg.ibot_weight * patch_loss + self.cfg.koleo_weight * koleo
+        w = self.features
+        total = w.cls_weight * cls_loss + w.patch_weight * patch_loss + w.koleo_weight * koleo
         local = local_to_global.mean() if local_to_global.numel() else cls_loss.new_zeros(())
         return {"total": total, "cls": cls_loss, "cls_global": same_view.mean(), "cls_local": local,
                 "patch": patch_loss, "koleo": koleo}
@@ -533,7 +595,8 @@ def setup_student(spec: StudentSpec, group, teacher: Teacher, cfg: DistillConfig
     net = build_student(spec, teacher, cfg).to(dist_info.device)
     if cfg.run.activation_checkpointing:
         checkpoint_activations(net.backbone.blocks)
-    losses = heads_losses(cfg, teacher, group) if teacher.objective == "heads" else FeatureLosses(cfg.loss, group)
+    losses = (heads_losses(cfg, teacher, group) if teacher.objective == "heads"
+              else FeatureLosses(cfg.loss, cfg.features, group))
     losses.to(dist_info.device)
     model = wrap_student(net, group, len(spec.ranks), dist_info.device)
     # The pretraining's groups: layer-wise lr decay over a ViT's blocks. A ConvNeXt's parameter names hold no
@@ -620,7 +683,8 @@ def _nonfinite_step(run: StudentRun, what: str, step: int, cfg: DistillConfig) -
 
 
 def student_dir(cfg: DistillConfig, spec: StudentSpec) -> Path:
-    return Path(cfg.run.output_dir) / spec.name
+    """<output_dir>/<arch>; a timm:<model> spec's folder is timm-<model> (no colon in file names)."""
+    return Path(cfg.run.output_dir) / spec.name.replace(":", "-")
 
 
 def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
@@ -642,7 +706,9 @@ def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
         "nonfinite_skips": run.nonfinite_skips,
     }
     runtime.atomic_save(payload, runtime.checkpoint_path(folder, step))
-    runtime.atomic_save(export_official(run.net.backbone), folder / "backbone.pth")
+    backbone = run.net.backbone
+    exported = export_external(backbone) if isinstance(backbone, ExternalBackbone) else export_official(backbone)
+    runtime.atomic_save(exported, folder / "backbone.pth")
 
 
 def resume_step(cfg: DistillConfig, specs: list[StudentSpec]) -> int:
@@ -680,7 +746,7 @@ def param_digest(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -762,6 +828,7 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
                         f"the smallest configured crop is {min(sizes)} px")
     if cfg.student.feature_head_hidden < 1:
         problems.append("student.feature_head_hidden must be >= 1")
+    problems += external_student_problems(cfg, specs, sizes)
     if not cfg.teacher.checkpoint:
         problems.append("teacher.checkpoint is not set: pass a train.py checkpoint or a backbone file")
     elif not Path(cfg.teacher.checkpoint).exists():
@@ -770,6 +837,29 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
     if problems:
         raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(problems))
     return specs
+
+
+def external_student_problems(cfg: DistillConfig, specs: list[StudentSpec], sizes: list[int]) -> list[str]:
+    """timm/torchvision students: the model exists, has a spatial feature map and takes every configured crop size
+    (checked on the meta device, before anything is loaded); student.pretrained names listed students and files."""
+    problems = []
+    external = [spec.arch for spec in specs if is_external(spec.arch)]
+    for arch in external:
+        problem = spec_problem(arch, sizes)
+        if problem:
+            problems.append(f"students: {problem}")
+    for entry in cfg.student.pretrained:
+        arch, sep, path = entry.partition("=")
+        if not sep or arch not in external:
+            problems.append(f"student.pretrained entry {entry!r} must be SPEC=PATH with SPEC one of the timm/"
+                            f"torchvision students ({', '.join(external) or 'none listed'})")
+        elif not Path(path).is_file():
+            problems.append(f"student.pretrained: {path} (for {arch}) is not a file")
+    if external and cfg.run.activation_checkpointing:
+        problems.append(f"run.activation_checkpointing works on ViT/ConvNeXt blocks; {', '.join(external)} have none")
+    if cfg.features.smooth_l1_beta <= 0:
+        problems.append("features.smooth_l1_beta must be > 0")
+    return problems
 
 
 # ====================================================================================================

@@ -12,7 +12,9 @@ crops), losses against the teacher outputs -> backward (gradients averaged withi
 AdamW -> log -> per-student checkpoints and exported backbones.
 
 Students and ranks (`--students arch[:ranks],...`: ViT presets of models/vit.py, ConvNeXt presets of
-models/convnext.py): with rank counts (summing to the world size) each student is trained by its own group of ranks
+models/convnext.py, or any timm / torchvision image backbone as `timm:<model>` / `torchvision:<model>`, models/
+external.py: the library's feature extractor, its last feature map resized to the 16-px grid as the patch tokens and
+its global pool as the class token; random init, or local weights by --student.pretrained SPEC=PATH): with rank counts (summing to the world size) each student is trained by its own group of ranks
 (torch.distributed.new_group); without counts every rank trains every student in turn on its own shard, which is
 plain data parallelism (nothing to gather); one process trains all students in turn on the whole batch. Each
 student sees the whole global batch each step in every layout: the layout changes the speed, not the result.
@@ -29,8 +31,10 @@ Objectives (`--teacher.objective auto` picks from the checkpoint):
   teacher shares its heads' normalized bottleneck embeddings (512 floats per class token for the 7B instead of 256k
   logits: a much smaller all-gather) and the students' ranks apply its prototype layers to their own part.
 - "features", from a backbone-only file (released DINOv3 format; Hugging Face DINOv3ViTModel weights as .pth, .bin,
-  .safetensors or a model folder): student projection heads (MLP to the teacher's width) on the class and patch
-  tokens, cosine distance to the teacher's tokens: L = dino_weight L_cls + ibot_weight L_patch + koleo_weight KoLeo.
+  .safetensors or a model folder), or any checkpoint with --teacher.objective features: student adapters
+  (`features.adapter`: an MLP or one linear layer to the teacher's width, dropped at export) on the class and patch
+  tokens, cosine or smooth-L1 distance (`features.distance`) to the teacher's tokens:
+  L = features.cls_weight L_cls + features.patch_weight L_patch + features.koleo_weight KoLeo.
   L_cls pairs each student global crop with the teacher's view of the same crop and each local crop with both
   teacher global crops; L_patch compares every patch of the student's (iBOT-masked) global crops with the teacher's
   patch of the unmasked crop.
@@ -41,7 +45,8 @@ data/augment.py's CropSizeSchedule (no Gram loss) at the lr the previous phase e
 
 Outputs per student: `<output_dir>/<arch>/checkpoint_XXXXXXXX.pth` (atomic; a run resumes from the newest step every
 student has) and `<output_dir>/<arch>/backbone.pth` (ViT: released format for models.checkpoint.load_backbone;
-ConvNeXt: released ConvNeXt keys for models.convnext.load_convnext); `summary.json` counts the teacher's images per
+ConvNeXt: released ConvNeXt keys for models.convnext.load_convnext; timm/torchvision: the spec and the weights, for
+models.checkpoint.load_any_backbone; folder timm-<model>); `summary.json` counts the teacher's images per
 rank (each image once per step over all ranks).
 """
 
@@ -181,7 +186,8 @@ class PhasesConfig:
 @dataclass
 class DistillConfig:
     # Comma-separated arch[:ranks], e.g. vit_small:2,vit_base:2,convnext_tiny:1 (no counts: every rank trains every
-    # student in turn). Architectures: the ViT presets of models/vit.py and the ConvNeXt presets of models/convnext.py.
+    # student in turn). Architectures: the ViT presets of models/vit.py, the ConvNeXt presets of models/convnext.py,
+    # timm:<model> and torchvision:<model> (models/external.py), e.g. timm:resnet18,torchvision:mobilenet_v3_small.
     students: str = "vit_small"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -210,6 +216,18 @@ def _demo() -> DistillConfig:
     )
 
 
+def _demo_backbones() -> DistillConfig:
+    """The demo's budget, teacher and data into a timm ResNet-18 and a torchvision MobileNetV3-Small (README,
+    "Distill into your own backbone"): the features objective (the teacher's tokens through linear adapters)."""
+    cfg = _demo()
+    return dataclasses.replace(
+        cfg, students="timm:resnet18,torchvision:mobilenet_v3_small",
+        teacher=dataclasses.replace(cfg.teacher, checkpoint="runs/demo", objective="features"),
+        features=FeaturesConfig(adapter="linear"),
+        run=dataclasses.replace(cfg.run, output_dir="runs/demo_distill_backbones"),
+    )
+
+
 def _paper() -> DistillConfig:
     """Section 5.2: the pretraining objective and hyperparameters (the config groups' defaults, which are the 7B
     pretraining's), 1M steps, 250k cooldown, 10k high-res steps."""
@@ -223,6 +241,7 @@ def _paper() -> DistillConfig:
 
 PRESETS: dict[str, tuple[str, DistillConfig]] = {
     "demo": ("train.py's demo teacher -> vit_tiny + convnext_tiny on the bundled photos, CPU (the default)", _demo()),
+    "demo-backbones": ("the demo teacher -> timm:resnet18 + torchvision:mobilenet_v3_small, CPU", _demo_backbones()),
     "paper": ("the paper's distillation schedule (pass --teacher.checkpoint and --data.path)", _paper()),
 }
 

@@ -109,24 +109,36 @@ def test_local_pretrained_weights_load_and_wrong_files_are_refused(tmp_path):
         load_pretrained(target, tmp_path / "other.pth")
 
 
-def test_eval_knn_segment_and_onnx_export_run_on_a_saved_student(tmp_path):
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory):
+    """A torchvision student's backbone.pth as distill.py writes it (random weights)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("student") / "backbone.pth"
+    torch.save(export_external(build_external(TORCHVISION)), path)
+    return path
+
+
+def test_eval_knn_and_segmentation_probe_run_on_a_saved_student(saved_student):
+    data = ["--size", "64", "--num-workers", "0", "--no-cache"]
+    knn = eval_cli.main(["knn", "--checkpoint", str(saved_student), "--data", "procedural", "--procedural-train", "40",
+                         "--procedural-val", "20", "--procedural-classes", "4", "--ks", "5", *data])
+    assert 0.0 <= knn["top1_k5"] <= 1.0
+    segment = eval_cli.main(["segment", "--checkpoint", str(saved_student), "--n-train", "6", "--n-val", "3",
+                             "--size", "64", "--epochs", "1", "--knn-images", "0", "--figure-images", "0"])
+    assert 0.0 <= segment["checkpoint"]["miou"] <= 1.0 and 0.0 <= segment["same net at init"]["miou"] <= 1.0
+
+
+@pytest.mark.slow  # torch.onnx (dynamo) tracing alone takes tens of seconds
+def test_onnx_export_of_a_saved_student_takes_any_input_size(saved_student, tmp_path):
     pytest.importorskip("onnxruntime")
     import export
 
-    torch.manual_seed(0)
-    path = tmp_path / "backbone.pth"
-    torch.save(export_external(build_external(TORCHVISION)), path)
-    data = ["--size", "64", "--num-workers", "0", "--no-cache"]
-    knn = eval_cli.main(["knn", "--checkpoint", str(path), "--data", "procedural", "--procedural-train", "40",
-                         "--procedural-val", "20", "--procedural-classes", "4", "--ks", "5", *data])
-    assert 0.0 <= knn["top1_k5"] <= 1.0
-    segment = eval_cli.main(["segment", "--checkpoint", str(path), "--n-train", "6", "--n-val", "3", "--size", "64",
-                             "--epochs", "1", "--knn-images", "0", "--figure-images", "0"])
-    assert 0.0 <= segment["checkpoint"]["miou"] <= 1.0
-    rows = export.main(["onnx", "--checkpoint", str(path), "--out", str(tmp_path / "student.onnx"),
+    rows = export.main(["onnx", "--checkpoint", str(saved_student), "--out", str(tmp_path / "student.onnx"),
                         "--verify-sizes", "64", "64", "96", "128"])
     assert {size for size, _, _ in rows} == {(64, 64), (96, 128)}  # one graph, two input sizes
     assert all(error < export.ONNX_TOLERANCE for _, _, error in rows)
+    with pytest.raises(ValueError, match="export it with `export.py onnx`"):
+        export.main(["hf", "--checkpoint", str(saved_student), "--out", str(tmp_path / "hf")])
 
 
 def test_smooth_l1_feature_objective_against_a_float64_reference():

@@ -108,6 +108,7 @@ from models.external import (
     export_external,
     is_external,
     load_pretrained,
+    set_batchnorm_momentum,
     spec_problem,
 )
 from models.heads import DINOHead
@@ -157,6 +158,8 @@ class StudentConfig:
     # Local weights for timm/torchvision students, as SPEC=PATH (e.g. timm:resnet18=resnet18.pth): a state dict in
     # the library's key names; students not listed start from the library's random initialization.
     pretrained: tuple[str, ...] = ()
+    # timm/torchvision students: BatchNorm running-statistics momentum (None: the library's; models/external.py)
+    batchnorm_momentum: float | None = 0.1
 
 
 @dataclass
@@ -426,6 +429,8 @@ class Student(nn.Module):
 def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
     if is_external(arch):
         backbone = build_external(arch, mask_mode=cfg.convnext_mask_mode)
+        if cfg.batchnorm_momentum is not None:
+            set_batchnorm_momentum(backbone, cfg.batchnorm_momentum)
         weights = pretrained_files(cfg).get(arch)
         if weights is not None:
             load_pretrained(backbone, weights)

@@ -232,6 +232,16 @@ def build_external(spec: str, mask_mode: MaskMode = "ignore") -> ExternalBackbon
     return ExternalBackbone(ExternalConfig(spec, mask_mode=mask_mode))
 
 
+def set_batchnorm_momentum(module: nn.Module, momentum: float) -> None:
+    """Every BatchNorm's running-statistics momentum. The libraries' own suit their long ImageNet schedules
+    (torchvision's MobileNets and EfficientNets: 0.01); in a short distillation the running statistics would still
+    be mostly their initial values at the end, and the eval-mode network (probes, export) would not be the trained
+    one."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
 def spec_problem(spec: str, sizes: list[int]) -> str | None:
     """One line naming what keeps `spec` from training on square crops of `sizes` px, or None. Built and run on
     the meta device: no weights allocated, nothing computed, so it costs nothing before the teacher is read."""

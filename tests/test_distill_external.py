@@ -61,6 +61,8 @@ def test_adapters_map_student_tokens_to_the_teacher_tokens(teacher_files):
     spec = distill.parse_students(TORCHVISION, 1, 2)[0]
     student = distill.build_student(spec, teacher, cfg)
     assert isinstance(student.class_head, torch.nn.Linear)
+    norms = [m for m in student.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.1 for m in norms)  # torchvision's MobileNetV3 has 0.01
     assert (student.class_head.in_features, student.class_head.out_features) == (576, teacher.embed_dim)
     out = student(torch.randn(4, 3, 64, 64), torch.randn(4, 3, 32, 32), torch.zeros(4, 16, dtype=torch.bool))
     # class tokens of the 2 global + 2 local crops of 2 images, every patch of the global crops, teacher's width

@@ -94,7 +94,7 @@ def _pooled_map_node(model: nn.Module, spec: str) -> str:
     """The node of the traced classifier whose output its global pooling reads: the last feature map."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    _, nodes = get_graph_node_names(model.eval(), suppress_diff_warning=True)
+    _, nodes = get_graph_node_names(model, suppress_diff_warning=True)  # leaves the model's mode as it was
     pools = [i for i, node in enumerate(nodes) if _POOLING_NODE.search(node)]
     if not pools or pools[-1] == 0:
         raise SpecError(f"{spec} has no spatial feature map: its classifier pools no [B, C, H, W] map (a ViT reads "
@@ -114,7 +114,8 @@ def _torchvision_extractor(name: str) -> nn.Module:
                         + "; torchvision.models.list_models(module=torchvision.models) lists them")
     model = torchvision.models.get_model(name, weights=None)
     node = _pooled_map_node(model, f"torchvision:{name}")
-    return create_feature_extractor(model, return_nodes={node: "map"})
+    # The extractor keeps the model's mode: training mode, as a new module is (batch statistics, updated BN stats).
+    return create_feature_extractor(model.train(), return_nodes={node: "map"})
 
 
 def build_extractor(spec: str) -> nn.Module:

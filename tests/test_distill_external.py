@@ -32,6 +32,18 @@ def test_each_library_builds_a_backbone_with_the_vit_outputs(spec, width):
     assert levels[0].shape == (1, width, 4, 4)
 
 
+@pytest.mark.parametrize("spec", [TIMM, TORCHVISION])
+def test_a_new_student_trains_with_batch_statistics(spec):
+    """Built in training mode (a torchvision extractor keeps the mode its model had when it was traced), so a
+    training forward updates the BatchNorm running statistics that the eval-mode network then uses."""
+    backbone = build_external(spec)
+    assert all(m.training for m in backbone.modules())
+    norm = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_var.clone()
+    backbone(torch.randn(2, 3, 32, 32) * 3)
+    assert not torch.equal(norm.running_var, before)
+
+
 def test_spec_errors_name_the_problem():
     assert spec_problem(TIMM, [32, 64]) is None
     assert "timm has no model 'resnet_nonexistent'" in spec_problem("timm:resnet_nonexistent", [64])

@@ -12,7 +12,9 @@ crops), losses against the teacher outputs -> backward (gradients averaged withi
 AdamW -> log -> per-student checkpoints and exported backbones.
 
 Students and ranks (`--students arch[:ranks],...`: ViT presets of models/vit.py, ConvNeXt presets of
-models/convnext.py): with rank counts (summing to the world size) each student is trained by its own group of ranks
+models/convnext.py, or any timm / torchvision image backbone as `timm:<model>` / `torchvision:<model>`, models/
+external.py: the library's feature extractor, its last feature map resized to the 16-px grid as the patch tokens and
+its global pool as the class token; random init, or local weights by --student.pretrained SPEC=PATH): with rank counts (summing to the world size) each student is trained by its own group of ranks
 (torch.distributed.new_group); without counts every rank trains every student in turn on its own shard, which is
 plain data parallelism (nothing to gather); one process trains all students in turn on the whole batch. Each
 student sees the whole global batch each step in every layout: the layout changes the speed, not the result.
@@ -29,8 +31,10 @@ Objectives (`--teacher.objective auto` picks from the checkpoint):
   teacher shares its heads' normalized bottleneck embeddings (512 floats per class token for the 7B instead of 256k
   logits: a much smaller all-gather) and the students' ranks apply its prototype layers to their own part.
 - "features", from a backbone-only file (released DINOv3 format; Hugging Face DINOv3ViTModel weights as .pth, .bin,
-  .safetensors or a model folder): student projection heads (MLP to the teacher's width) on the class and patch
-  tokens, cosine distance to the teacher's tokens: L = dino_weight L_cls + ibot_weight L_patch + koleo_weight KoLeo.
+  .safetensors or a model folder), or any checkpoint with --teacher.objective features: student adapters
+  (`features.adapter`: an MLP or one linear layer to the teacher's width, dropped at export) on the class and patch
+  tokens, cosine or smooth-L1 distance (`features.distance`) to the teacher's tokens:
+  L = features.cls_weight L_cls + features.patch_weight L_patch + features.koleo_weight KoLeo.
   L_cls pairs each student global crop with the teacher's view of the same crop and each local crop with both
   teacher global crops; L_patch compares every patch of the student's (iBOT-masked) global crops with the teacher's
   patch of the unmasked crop.
@@ -41,7 +45,8 @@ data/augment.py's CropSizeSchedule (no Gram loss) at the lr the previous phase e
 
 Outputs per student: `<output_dir>/<arch>/checkpoint_XXXXXXXX.pth` (atomic; a run resumes from the newest step every
 student has) and `<output_dir>/<arch>/backbone.pth` (ViT: released format for models.checkpoint.load_backbone;
-ConvNeXt: released ConvNeXt keys for models.convnext.load_convnext); `summary.json` counts the teacher's images per
+ConvNeXt: released ConvNeXt keys for models.convnext.load_convnext; timm/torchvision: the spec and the weights, for
+models.checkpoint.load_any_backbone; folder timm-<model>); `summary.json` counts the teacher's images per
 rank (each image once per step over all ranks).
 """
 
@@ -100,6 +105,15 @@ from models.checkpoint import (
     read_weights,
 )
 from models.convnext import CONVNEXT_ARCHS, MIN_INPUT_SIZE, MaskMode, build_convnext
+from models.external import (
+    ExternalBackbone,
+    build_external,
+    export_external,
+    is_external,
+    load_pretrained,
+    set_batchnorm_momentum,
+    spec_problem,
+)
 from models.heads import DINOHead
 from models.vit import VIT_ARCHS, AttnImpl, VisionTransformer, build_vit
 from monitor import pca_batch, start_run_folder
@@ -112,7 +126,7 @@ from student_teacher import SSLNet, checkpoint_activations, multi_crop_tokens
 logger = logging.getLogger("dinov3")
 
 N_GLOBAL = 2  # global crops per image
-STUDENT_ARCHS = (*VIT_ARCHS, *CONVNEXT_ARCHS)
+STUDENT_ARCHS = (*VIT_ARCHS, *CONVNEXT_ARCHS)  # and any timm:<model> / torchvision:<model> (models/external.py)
 HEADS_TERMS = ("total", "dino", "dino_global", "dino_local", "ibot", "koleo")
 FEATURE_TERMS = ("total", "cls", "cls_global", "cls_local", "patch", "koleo")
 TEACHER_HOW_TO = ("pass --teacher.checkpoint: a train.py checkpoint or run folder (its heads are distilled) or a "
@@ -141,9 +155,28 @@ class StudentConfig:
 
     drop_path_rate: float = 0.0
     layerscale_init: float | None = None  # None: the architecture's own (ViT 1e-5, ConvNeXt 1e-6)
-    convnext_mask_mode: MaskMode = "ignore"  # iBOT masks for ConvNeXt students, see models/convnext.py
+    convnext_mask_mode: MaskMode = "ignore"  # iBOT masks for ConvNeXt, timm and torchvision students (convnext.py)
     attn_impl: AttnImpl = "auto"
-    feature_head_hidden: int = 2048  # "features" objective: hidden width of the student projection heads
+    feature_head_hidden: int = 2048  # "features" objective, mlp adapter: hidden width of the projection heads
+    # Local weights for timm/torchvision students, as SPEC=PATH (e.g. timm:resnet18=resnet18.pth): a state dict in
+    # the library's key names; students not listed start from the library's random initialization.
+    pretrained: tuple[str, ...] = ()
+    # timm/torchvision students: BatchNorm running-statistics momentum (None: the library's; models/external.py)
+    batchnorm_momentum: float | None = 0.1
+
+
+@dataclass
+class FeaturesConfig:
+    """The "features" objective (module docstring): adapters from the student's tokens to the teacher's, the
+    distance and the weight of each term (cls: class token; patch: patch tokens; koleo: the student's own class
+    tokens)."""
+
+    adapter: Literal["mlp", "linear"] = "mlp"  # mlp: Linear-GELU-Linear; linear: one layer (a 1x1 conv on the map)
+    distance: Literal["cosine", "smooth_l1"] = "cosine"
+    smooth_l1_beta: float = 1.0  # smooth_l1: where it turns from quadratic to linear (teacher tokens are normed)
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+    koleo_weight: float = 0.1
 
 
 @dataclass
@@ -159,14 +192,16 @@ class PhasesConfig:
 @dataclass
 class DistillConfig:
     # Comma-separated arch[:ranks], e.g. vit_small:2,vit_base:2,convnext_tiny:1 (no counts: every rank trains every
-    # student in turn). Architectures: the ViT presets of models/vit.py and the ConvNeXt presets of models/convnext.py.
+    # student in turn). Architectures: the ViT presets of models/vit.py, the ConvNeXt presets of models/convnext.py,
+    # timm:<model> and torchvision:<model> (models/external.py), e.g. timm:resnet18,torchvision:mobilenet_v3_small.
     students: str = "vit_small"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)  # batch_size: per rank (the teacher's shard)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # the "heads" objective
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)  # the "features" objective
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
 
@@ -187,6 +222,22 @@ def _demo() -> DistillConfig:
     )
 
 
+def _demo_backbones() -> DistillConfig:
+    """The demo teacher and data into a timm ResNet-18 and a torchvision MobileNetV3-Small (README, "Distill into
+    your own backbone"): the features objective (the teacher's tokens through linear adapters), for the teacher's own
+    budget of 750 steps of 16 images, at the learning rate that suits these convolutional students."""
+    cfg = _demo()
+    return dataclasses.replace(
+        cfg, students="timm:resnet18,torchvision:mobilenet_v3_small",
+        teacher=dataclasses.replace(cfg.teacher, checkpoint="runs/demo", objective="features"),
+        features=FeaturesConfig(adapter="linear"),
+        optim=dataclasses.replace(cfg.optim, iterations=694, lr=dataclasses.replace(cfg.optim.lr, peak=2e-3)),
+        phases=dataclasses.replace(cfg.phases, cooldown_iterations=50),
+        run=dataclasses.replace(cfg.run, output_dir="runs/demo_distill_backbones", log_every=50,
+                                checkpoint_every=250),
+    )
+
+
 def _paper() -> DistillConfig:
     """Section 5.2: the pretraining objective and hyperparameters (the config groups' defaults, which are the 7B
     pretraining's), 1M steps, 250k cooldown, 10k high-res steps."""
@@ -200,6 +251,8 @@ def _paper() -> DistillConfig:
 
 PRESETS: dict[str, tuple[str, DistillConfig]] = {
     "demo": ("train.py's demo teacher -> vit_tiny + convnext_tiny on the bundled photos, CPU (the default)", _demo()),
+    "demo-backbones": ("the demo teacher -> timm:resnet18 + torchvision:mobilenet_v3_small, 750 steps, CPU",
+                       _demo_backbones()),
     "paper": ("the paper's distillation schedule (pass --teacher.checkpoint and --data.path)", _paper()),
 }
 
@@ -299,9 +352,10 @@ def parse_students(spec: str, world_size: int, global_batch: int) -> list[Studen
         raise ValueError("students: give at least one student, e.g. --students vit_small or vit_small:2,vit_base:2")
     archs, counts = [], []
     for entry in entries:
-        arch, _, count = entry.partition(":")
-        if arch not in STUDENT_ARCHS:
-            raise ValueError(f"students: unknown architecture {arch!r}; choose from {', '.join(STUDENT_ARCHS)}")
+        arch, count = split_student_entry(entry)
+        if arch not in STUDENT_ARCHS and not is_external(arch):
+            raise ValueError(f"students: unknown architecture {arch!r}; choose from {', '.join(STUDENT_ARCHS)}, "
+                             "timm:<model> or torchvision:<model>")
         if count and (not count.isdigit() or int(count) < 1):
             raise ValueError(f"students: rank count {count!r} of {arch} must be a positive integer")
         archs.append(arch)
@@ -326,6 +380,15 @@ def parse_students(spec: str, world_size: int, global_batch: int) -> list[Studen
         specs.append(StudentSpec(i, arch, tuple(range(first, first + count))))
         first += count
     return specs
+
+
+def split_student_entry(entry: str) -> tuple[str, str]:
+    """'arch[:ranks]' -> (arch, ranks or ''); a timm:<model>[:ranks] spec keeps its library prefix."""
+    if is_external(entry):
+        spec, _, count = entry.rpartition(":")
+        return (spec, count) if is_external(spec) else (entry, "")
+    arch, _, count = entry.partition(":")
+    return arch, count
 
 
 def suggest_rank_counts(seconds_per_image: list[float], world_size: int) -> list[int]:
@@ -372,6 +435,14 @@ class Student(nn.Module):
 
 
 def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
+    if is_external(arch):
+        backbone = build_external(arch, mask_mode=cfg.convnext_mask_mode)
+        if cfg.batchnorm_momentum is not None:
+            set_batchnorm_momentum(backbone, cfg.batchnorm_momentum)
+        weights = pretrained_files(cfg).get(arch)
+        if weights is not None:
+            load_pretrained(backbone, weights)
+        return backbone
     overrides: dict = {"drop_path_rate": cfg.drop_path_rate}
     if cfg.layerscale_init is not None:
         overrides["layerscale_init"] = cfg.layerscale_init
@@ -380,8 +451,16 @@ def build_backbone(arch: str, cfg: StudentConfig) -> nn.Module:
     return build_convnext(arch, mask_mode=cfg.convnext_mask_mode, **overrides)
 
 
-def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """"features" objective: student tokens -> the teacher's width (Linear, GELU, Linear)."""
+def pretrained_files(cfg: StudentConfig) -> dict[str, str]:
+    """student.pretrained's SPEC=PATH entries as spec -> path."""
+    return dict(entry.split("=", 1) for entry in cfg.pretrained)
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, kind: Literal["mlp", "linear"] = "mlp") -> nn.Module:
+    """"features" objective: student tokens -> the teacher's width (Linear, GELU, Linear; or one Linear, which on
+    the resized feature map is a 1x1 convolution). Trained with the student, dropped at export."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
@@ -394,9 +473,9 @@ def build_student(spec: StudentSpec, teacher: Teacher, cfg: DistillConfig) -> St
         m = teacher.model_cfg
         return Student(backbone, DINOHead(dim, m.dino_prototypes, m.dino_hidden, m.dino_bottleneck),
                        DINOHead(dim, m.ibot_prototypes, m.ibot_hidden, m.ibot_bottleneck))
-    hidden = cfg.student.feature_head_hidden
-    return Student(backbone, projection_head(dim, hidden, teacher.embed_dim),
-                   projection_head(dim, hidden, teacher.embed_dim))
+    hidden, kind = cfg.student.feature_head_hidden, cfg.features.adapter
+    return Student(backbone, projection_head(dim, hidden, teacher.embed_dim, kind),
+                   projection_head(dim, hidden, teacher.embed_dim, kind))
 
 
 def wrap_student(student: Student, group, group_size: int, device: torch.device) -> nn.Module:
@@ -474,13 +553,24 @@ def _cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-6)
 
 
-class FeatureLosses(nn.Module):
-    """The "features" objective (module docstring): cosine distances of class and patch tokens, plus KoLeo."""
+def _smooth_l1_distance(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Smooth-L1 between matching rows, averaged over the last dim, in float32."""
+    student, teacher = torch.broadcast_tensors(student.float(), teacher.float())
+    return F.smooth_l1_loss(student, teacher, reduction="none", beta=beta).mean(dim=-1)
 
-    def __init__(self, cfg: LossConfig, group):
+
+class FeatureLosses(nn.Module):
+    """The "features" objective (module docstring): distances of class and patch tokens, plus KoLeo."""
+
+    def __init__(self, loss: LossConfig, features: FeaturesConfig, group):
         super().__init__()
-        self.cfg = cfg
-        self.koleo = build_koleo(cfg, group)
+        self.cfg, self.features = loss, features
+        self.koleo = build_koleo(loss, group)
+
+    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.features.distance == "smooth_l1":
+            return _smooth_l1_distance(student, teacher, self.features.smooth_l1_beta)
+        return _cosine_distance(student, teacher)
 
     def forward(self, student_out: StudentOutputs, batch: dict) -> dict[str, torch.Tensor]:
         cls_projected, patches_projected, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
@@ -488,12 +578,13 @@ class FeatureLosses(nn.Module):
         n_images = teacher_cls.shape[0] // N_GLOBAL
         student_cls = cls_projected.view(-1, n_images, cls_projected.shape[-1])  # [crops, B, C_t]
         teacher_cls = teacher_cls.view(N_GLOBAL, n_images, -1)
-        same_view = _cosine_distance(student_cls[:N_GLOBAL], teacher_cls).mean(dim=1)  # [2]
-        local_to_global = _cosine_distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
+        same_view = self.distance(student_cls[:N_GLOBAL], teacher_cls).mean(dim=1)  # [2]
+        local_to_global = self.distance(student_cls[N_GLOBAL:, None], teacher_cls[None]).mean(dim=2).flatten()
         cls_loss = torch.cat([same_view, local_to_global]).mean()
-        patch_loss = _cosine_distance(patches_projected, batch["teacher_patches"]).mean()
+        patch_loss = self.distance(patches_projected, batch["teacher_patches"]).mean()
         koleo = koleo_of_crops(self.koleo, cls_global, N_GLOBAL, self.cfg.koleo_crops)
-        total = self.cfg.dino_weight * cls_loss + self.cfg.ibot_weight * patch_loss + self.cfg.koleo_weight * koleo
+        w = self.features
+        total = w.cls_weight * cls_loss + w.patch_weight * patch_loss + w.koleo_weight * koleo
         local = local_to_global.mean() if local_to_global.numel() else cls_loss.new_zeros(())
         return {"total": total, "cls": cls_loss, "cls_global": same_view.mean(), "cls_local": local,
                 "patch": patch_loss, "koleo": koleo}
@@ -536,7 +627,8 @@ def setup_student(spec: StudentSpec, group, teacher: Teacher, cfg: DistillConfig
     net = build_student(spec, teacher, cfg).to(dist_info.device)
     if cfg.run.activation_checkpointing:
         checkpoint_activations(net.backbone.blocks)
-    losses = heads_losses(cfg, teacher, group) if teacher.objective == "heads" else FeatureLosses(cfg.loss, group)
+    losses = (heads_losses(cfg, teacher, group) if teacher.objective == "heads"
+              else FeatureLosses(cfg.loss, cfg.features, group))
     losses.to(dist_info.device)
     model = wrap_student(net, group, len(spec.ranks), dist_info.device)
     # The pretraining's groups: layer-wise lr decay over a ViT's blocks. A ConvNeXt's parameter names hold no
@@ -623,7 +715,8 @@ def _nonfinite_step(run: StudentRun, what: str, step: int, cfg: DistillConfig) -
 
 
 def student_dir(cfg: DistillConfig, spec: StudentSpec) -> Path:
-    return Path(cfg.run.output_dir) / spec.name
+    """<output_dir>/<arch>; a timm:<model> spec's folder is timm-<model> (no colon in file names)."""
+    return Path(cfg.run.output_dir) / spec.name.replace(":", "-")
 
 
 def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
@@ -645,7 +738,9 @@ def save_student(step: int, run: StudentRun, cfg: DistillConfig) -> None:
         "nonfinite_skips": run.nonfinite_skips,
     }
     runtime.atomic_save(payload, runtime.checkpoint_path(folder, step))
-    runtime.atomic_save(export_official(run.net.backbone), folder / "backbone.pth")
+    backbone = run.net.backbone
+    exported = export_external(backbone) if isinstance(backbone, ExternalBackbone) else export_official(backbone)
+    runtime.atomic_save(exported, folder / "backbone.pth")
 
 
 def resume_step(cfg: DistillConfig, specs: list[StudentSpec], is_main: bool = True) -> int:
@@ -691,7 +786,7 @@ def param_digest(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -776,6 +871,7 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
                         f"the smallest configured crop is {min(sizes)} px")
     if cfg.student.feature_head_hidden < 1:
         problems.append("student.feature_head_hidden must be >= 1")
+    problems += external_student_problems(cfg, specs, sizes)
     if not cfg.teacher.checkpoint:
         problems.append("teacher.checkpoint is not set: pass a train.py checkpoint or a backbone file")
     elif not Path(cfg.teacher.checkpoint).exists():
@@ -783,6 +879,29 @@ def validate_config(cfg: DistillConfig, world_size: int) -> list[StudentSpec]:
                         "(the demo teacher is written by `python train.py`)")
     raise_problems("distillation", problems)
     return specs
+
+
+def external_student_problems(cfg: DistillConfig, specs: list[StudentSpec], sizes: list[int]) -> list[str]:
+    """timm/torchvision students: the model exists, has a spatial feature map and takes every configured crop size
+    (checked on the meta device, before anything is loaded); student.pretrained names listed students and files."""
+    problems = []
+    external = [spec.arch for spec in specs if is_external(spec.arch)]
+    for arch in external:
+        problem = spec_problem(arch, sizes)
+        if problem:
+            problems.append(f"students: {problem}")
+    for entry in cfg.student.pretrained:
+        arch, sep, path = entry.partition("=")
+        if not sep or arch not in external:
+            problems.append(f"student.pretrained entry {entry!r} must be SPEC=PATH with SPEC one of the timm/"
+                            f"torchvision students ({', '.join(external) or 'none listed'})")
+        elif not Path(path).is_file():
+            problems.append(f"student.pretrained: {path} (for {arch}) is not a file")
+    if external and cfg.run.activation_checkpointing:
+        problems.append(f"run.activation_checkpointing works on ViT/ConvNeXt blocks; {', '.join(external)} have none")
+    if cfg.features.smooth_l1_beta <= 0:
+        problems.append("features.smooth_l1_beta must be > 0")
+    return problems
 
 
 # ====================================================================================================

@@ -12,7 +12,8 @@ segmentation probe and video label propagation.
 
 Checkpoints (`load_eval_backbone`, through models.checkpoint.load_any_backbone): a released-format ViT or ConvNeXt
 backbone (train.py writes one: teacher_backbone.pth), Hugging Face DINOv3ViTModel weights, a full train.py checkpoint,
-whose EMA teacher backbone is used, or a distill.py checkpoint, whose student backbone is used.
+whose EMA teacher backbone is used, or a distill.py checkpoint, whose student backbone is used (timm/torchvision
+students too: their backbone.pth records the spec that rebuilds them).
 
 Features (`extract_features`): per image, the normed class token and the mean of the normed patch tokens of a
 center crop (shorter side resized to size / crop_fraction, then size x size). k-NN and the linear probe read them

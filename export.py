@@ -15,12 +15,15 @@ computed inside the graph from the patch grid (Range, Sin and Cos nodes): no tab
 extra input. Outputs, the eval-mode model's final-norm features:
     ViT       class_token [B, C], register_tokens [B, R, C], patch_tokens [B, h*w, C] (row-major over the patch grid)
     ConvNeXt  class_token [B, C], patch_tokens [B, h*w, C] (the last stage resized to the 16-px grid, as in PyTorch)
+    timm / torchvision students of distill.py: as ConvNeXt (the last feature map pooled and resized, the final norm;
+              the adapters to the teacher's width are not part of the backbone); height and width dynamic down to
+              the network's total stride
 --intermediate-layers I J ... adds layer{I}_class_token, (ViT) layer{I}_register_tokens and layer{I}_patch_tokens for
 those blocks (ViT) or stages (ConvNeXt), 0-based, as get_intermediate_layers(norm=True) gives them. Attention is
 exported as plain operators (scaled_dot_product_attention, never the Triton kernel), in float32.
 
 Hugging Face: config.json + model.safetensors that transformers.AutoModel.from_pretrained loads as DINOv3ViTModel
-(ViT) or DINOv3ConvNextModel (ConvNeXt); written with safetensors alone. DINOv3ViTModel's last_hidden_state is
+(ViT) or DINOv3ConvNextModel (ConvNeXt); written with safetensors alone (timm/torchvision backbones: ONNX only). DINOv3ViTModel's last_hidden_state is
 [class, registers, patches] after the final norm, like the ONNX outputs; DINOv3ConvNextModel's is [pooled, stride-32
 tokens] after the norm (Hugging Face does not resize to the 16-px grid).
 
@@ -53,6 +56,7 @@ from models.checkpoint import (
     official_to_hf,
 )
 from models.convnext import MIN_INPUT_SIZE, ConvNeXt
+from models.external import ExternalBackbone
 from models.vit import VisionTransformer
 
 REQUIREMENTS = "requirements/export.txt"
@@ -103,6 +107,8 @@ def load_export_backbone(checkpoint: str | None) -> nn.Module:
 
 
 def min_side(backbone: nn.Module) -> int:
+    if isinstance(backbone, ExternalBackbone):
+        return backbone.min_input_size
     return MIN_INPUT_SIZE if isinstance(backbone, ConvNeXt) else backbone.patch_size
 
 
@@ -124,8 +130,10 @@ def check_sizes(sizes: tuple[Size, ...], backbone: nn.Module) -> None:
 
 def check_layers(layers: tuple[int, ...], backbone: nn.Module) -> list[int]:
     """The intermediate layers asked for, sorted (the order get_intermediate_layers returns them in)."""
-    n = len(backbone.blocks) if isinstance(backbone, VisionTransformer) else 4
-    what = "blocks" if isinstance(backbone, VisionTransformer) else "stages"
+    if isinstance(backbone, VisionTransformer):
+        n, what = len(backbone.blocks), "blocks"
+    else:
+        n, what = len(backbone.stage_channels()) if isinstance(backbone, ExternalBackbone) else 4, "stages"
     outside = [i for i in layers if not 0 <= i < n]
     if outside:
         raise ValueError(f"--intermediate-layers {outside} are outside this backbone's {n} {what} (0 to {n - 1})")
@@ -180,10 +188,10 @@ class ViTGraph(nn.Module):
 
 
 class ConvNeXtGraph(nn.Module):
-    """A ConvNeXt's eval-mode forward (and chosen stages) as a tuple of named outputs, for torch.onnx; the stage
-    features are computed once for all outputs."""
+    """A ConvNeXt's (or a timm/torchvision backbone's) eval-mode forward (and chosen stages) as a tuple of named
+    outputs, for torch.onnx; the stage features are computed once for all outputs."""
 
-    def __init__(self, net: ConvNeXt, layers: list[int]):
+    def __init__(self, net: ConvNeXt | ExternalBackbone, layers: list[int]):
         super().__init__()
         self.net, self.layers = net, layers
 
@@ -199,7 +207,7 @@ class ConvNeXtGraph(nn.Module):
         outputs = [normed[:, 0], normed[:, 1:]]
         for i in self.layers:
             tokens = net.tokens(maps[i], grid)
-            if i == 3:  # only the last stage has a norm, as in ConvNeXt.get_intermediate_layers
+            if i == len(maps) - 1:  # only the last stage has a norm, as in get_intermediate_layers
                 tokens = net.norm(tokens)
             outputs += [tokens[:, 0], tokens[:, 1:]]
         return tuple(outputs)
@@ -412,6 +420,9 @@ def run_hf(args: HfArgs) -> list[ErrorRow]:
     folder = output_path(args.out, "dinov3-hf/")
     check_common_args(args)
     backbone = load_export_backbone(args.checkpoint)
+    if isinstance(backbone, ExternalBackbone):
+        raise ValueError(f"{backbone.cfg.spec} has no Hugging Face DINOv3 model class; export it with "
+                         "`export.py onnx` (or load it with models.checkpoint.load_any_backbone)")
     check_sizes(args.verify_sizes, backbone)
     config, weights = hf_config_and_weights(backbone)
     write_hf_folder(folder, config, weights)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from models.convnext import ConvNeXtConfig, load_convnext
+from models.external import EXTERNAL_FORMAT, is_external, load_external
 from models.rope import rope_periods
 from models.vit import VIT_ARCHS, VisionTransformer, ViTConfig
 
@@ -191,6 +192,8 @@ def describe_checkpoint(obj: dict) -> str:
         return f"a train.py training checkpoint ({arch}, step {obj.get('step')})"
     if kind == DISTILL_FORMAT:
         return f"a distill.py student checkpoint ({obj.get('arch')}, step {obj.get('step')})"
+    if kind == EXTERNAL_FORMAT:
+        return f"a {obj.get('spec')} backbone (distill.py's export)"
     state_dict = _strip_prefix(obj)
     if "cls_token" in state_dict and "patch_embed.proj.weight" in state_dict:
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
@@ -438,17 +441,24 @@ def _is_hf_convnext(state_dict: StateDict) -> bool:
 
 
 def load_any_backbone(checkpoint: str | Path | dict | None, how_to_get: str = HOW_TO_GET_A_CHECKPOINT) -> nn.Module:
-    """A ViT or ConvNeXt backbone (CPU, as stored) from a checkpoint argument or an in-memory checkpoint dict.
+    """A ViT, ConvNeXt or timm/torchvision backbone (CPU, as stored) from a checkpoint argument or an in-memory
+    checkpoint dict.
 
     Reads released-format ViT and ConvNeXt backbones, Hugging Face DINOv3ViTModel / DINOv3ConvNextModel weights
     (a state dict file, a .safetensors file or a save_pretrained folder), train.py checkpoints (the EMA teacher's
-    backbone) and distill.py checkpoints (the student's backbone). The architecture comes from the tensor shapes.
+    backbone), distill.py checkpoints (the student's backbone) and distill.py's timm/torchvision backbone exports.
+    The architecture comes from the tensor shapes, or from the spec saved with a timm/torchvision student.
     """
     if isinstance(checkpoint, dict):
         payload, source = checkpoint, "the given state dict"
     else:
         path = checkpoint_path_or_error(checkpoint, how_to_get)
         payload, source = read_weights(path), str(path)
+    # timm / torchvision backbones: the saved spec rebuilds the network.
+    if payload.get("format") == EXTERNAL_FORMAT:
+        return load_external(payload["spec"], payload["weights"])
+    if payload.get("format") == DISTILL_FORMAT and is_external(str(payload.get("arch"))):
+        return load_external(payload["arch"], backbone_weights(payload, source))
     weights = _strip_prefix(backbone_weights(payload, source))
     if _is_hf_convnext(weights):
         weights = hf_to_convnext(weights)

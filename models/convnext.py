@@ -72,6 +72,28 @@ CONVNEXT_ARCHS: dict[str, ConvNeXtConfig] = {
 MIN_INPUT_SIZE = 32
 
 
+def mask_patch_pixels(x: torch.Tensor, masks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Zero (= the mean color of normalized crops) every pixel of the masked patches [B, h * w] of the
+    `patch_size` grid of images [B, C, H, W]: iBOT masking for a network without a mask token."""
+    h, w = x.shape[-2] // patch_size, x.shape[-1] // patch_size
+    if masks.shape != (x.shape[0], h * w):
+        raise ValueError(f"masks must have shape {(x.shape[0], h * w)} (batch, patches), got {tuple(masks.shape)}")
+    p = patch_size
+    pixel_mask = masks.view(-1, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p).reshape(-1, 1, h * p, w * p)
+    # Rows/columns past the last whole patch (sides that are not multiples of 16) are never masked.
+    pixel_mask = F.pad(pixel_mask, (0, x.shape[-1] - w * p, 0, x.shape[-2] - h * p), value=False)
+    return x.masked_fill(pixel_mask, 0.0)
+
+
+def pooled_and_grid_tokens(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, C, h', w'] -> [B, 1 + P, C]: the global average pool, then the map resized bilinearly to `grid`,
+    flattened row-major (what a ViT's class and patch tokens are to the losses and probes)."""
+    pooled = feature_map.mean(dim=(-2, -1))
+    # antialias only matters when the grid is coarser than the map (never at stride 32 -> 16).
+    patches = F.interpolate(feature_map, size=grid, mode="bilinear", antialias=True, align_corners=False)
+    return torch.cat([pooled.unsqueeze(1), patches.flatten(2).transpose(1, 2)], dim=1)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a [B, C, H, W] map (the stem's and the downsamplings' norms)."""
 
@@ -168,14 +190,7 @@ class ConvNeXt(nn.Module):
 
     def mask_pixels(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Zero (= the mean color of normalized crops) every pixel of the masked patches of the 16-px grid."""
-        h, w = self.grid(x)
-        if masks.shape != (x.shape[0], h * w):
-            raise ValueError(f"masks must have shape {(x.shape[0], h * w)} (batch, patches), got {tuple(masks.shape)}")
-        p = self.patch_size
-        pixel_mask = masks.view(-1, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p).reshape(-1, 1, h * p, w * p)
-        # Rows/columns past the last whole patch (sides that are not multiples of 16) are never masked.
-        pixel_mask = F.pad(pixel_mask, (0, x.shape[-1] - w * p, 0, x.shape[-2] - h * p), value=False)
-        return x.masked_fill(pixel_mask, 0.0)
+        return mask_patch_pixels(x, masks, self.patch_size)
 
     # -- forward -------------------------------------------------------------------------------------
 
@@ -189,10 +204,7 @@ class ConvNeXt(nn.Module):
 
     def tokens(self, feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """[B, C, h', w'] -> [B, 1 + P, C]: the global average pool, then the map resized to the ViT grid."""
-        pooled = feature_map.mean(dim=(-2, -1))
-        # antialias only matters when the grid is coarser than the map (never at stride 32 -> 16).
-        patches = F.interpolate(feature_map, size=grid, mode="bilinear", antialias=True, align_corners=False)
-        return torch.cat([pooled.unsqueeze(1), patches.flatten(2).transpose(1, 2)], dim=1)
+        return pooled_and_grid_tokens(feature_map, grid)
 
     def forward_features_list(
         self, x_list: list[torch.Tensor], masks_list: list[torch.Tensor | None]

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 TARGET_EPS = 1e-12
 RANK_WINDOW_BATCHES = 8  # batches of teacher class tokens in the RankMe window
 # Verdict thresholds, as fractions of ln K: a gap under GAP_STARTED * ln K is "no more alike than two images'"
-# (a starved run shows 0.03 ln K, one whose views agree 0.5 ln K; docs/ablations.md), and a DINO term above
-# TERM_AT_UNIFORM * ln K has not left its uniform value.
+# and a DINO term above TERM_AT_UNIFORM * ln K has not left its uniform value (README.md, "Is my run learning?",
+# has the values of starved and learning runs).
 GAP_STARTED = 0.1
 TERM_AT_UNIFORM = 0.97
 COLLAPSED_SPREAD = 0.1  # std * sqrt(d) below this: the class tokens have collapsed to (nearly) one direction

@@ -1014,6 +1014,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  teacher backbone:  {summary['backbone']}  (released DINOv3 format)")
         print(f"  TensorBoard logs:  {Path(summary['output_dir']) / 'tensorboard'}")
         print(f"  PCA feature map:   {summary['pca_png']}")
+        print(f"  health:            {summary['health']['verdict']}")
     knn = summary.get("knn", {})
     if len(knn) >= 2:
         first, last = min(knn), max(knn)
@@ -1023,7 +1024,6 @@ def main(argv: list[str] | None = None) -> None:
     if summary.get("dense"):
         curve = ", ".join(f"step {s}: {100 * r['miou']:.1f}%" for s, r in sorted(summary["dense"].items()))
         print(f"  dense metric (ridge-probe mIoU on generated scenes, 11 classes): {curve}")
-    print(f"  health: {summary['health']['verdict']}")
 
 
 if __name__ == "__main__":

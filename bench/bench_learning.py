@@ -23,7 +23,7 @@ iBOT target row goes to another sample), "koleo-only" (DINO and iBOT weights 0: 
 the noise (the binomial standard error of k-NN on 500 queries is about 2 points). Each control is a run of its
 own, with the same steps, seed and data. `--quick` is 300 steps of the working objective, shuffled and
 koleo-only, measured at the end: the k-NN of each, the DINO term against its uniform value ln K and the health
-panel's verdict (health.py), in about 8 minutes on an idle 2-core CPU.
+panel's verdict (health.py); docs/ablations.md, section 3, has its figures and how long its runs took.
 
 It writes learning_curve.csv and learning_curve.png, and prints the table. It never asserts a speed or an
 accuracy: tests/test_learning.py is the pass/fail check.

@@ -122,6 +122,10 @@ class LossConfig:
     center_momentum: float = CENTER_MOMENTUM  # softmax centering only
     # Weight of the local-crop DINO terms (the official `reweight_dino_local_loss` schedule); 1 is the plain loss.
     dino_local_weight: Schedule = field(default_factory=lambda: constant(1.0))
+    # A control, not a recipe setting: every DINO and iBOT target row goes to a random other sample of the step, so
+    # the objective no longer ties a crop to its own image. Whatever a run learns with it is not the cross-view
+    # objective's doing (docs/ablations.md); `--loss.koleo-weight 0` is the other control.
+    shuffle_targets: bool = False
 
 
 @dataclass

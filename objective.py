@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from config import GramConfig, KoLeoCrops, LossConfig, ModelConfig
+from health import HealthPanel
 from losses.dino import DINOLoss
 from losses.gram import GramAnchoringLoss
 from losses.ibot import IBOTLoss
@@ -23,6 +24,21 @@ class StudentOutputs(NamedTuple):
     ibot: torch.Tensor  # patch head outputs of the masked global-crop patches [M, K']
     cls_global: torch.Tensor  # the global crops' class tokens [2B, C] (KoLeo)
     global_patches: torch.Tensor | None = None  # the global crops' patch tokens [2B, P, C] (Gram anchoring)
+
+
+class TeacherOutputs(NamedTuple):
+    """What the EMA teacher's forward over the global crops gives the objective (and the health panel)."""
+
+    dino: torch.Tensor  # class-token head outputs [2B, K], crop-major
+    ibot: torch.Tensor  # patch head outputs of the masked global-crop patches [M, K']
+    cls: torch.Tensor  # the global crops' class tokens [2B, C]
+
+
+def shuffled_rows(targets: torch.Tensor) -> torch.Tensor:
+    """The shuffled-targets control: every target row goes to a random other sample (a permutation from the
+    global generator, which the loop seeds per step). An objective that no longer ties a crop to its own image,
+    what a misaligned target or mask would do; what it still learns is not the cross-view objective's doing."""
+    return targets[torch.randperm(targets.shape[0], device=targets.device)]
 
 
 def build_koleo(loss: LossConfig, process_group=None) -> nn.Module:
@@ -63,13 +79,18 @@ class SSLLosses(nn.Module):
 
     def forward(self, student_out: StudentOutputs, teacher_out: tuple[torch.Tensor, torch.Tensor], batch: dict,
                 teacher_temp: float, n_global: int, dino_local_weight: float = 1.0, gram_targets: tuple | None = None,
-                gram_weight: float = 0.0) -> dict:
-        """teacher_out: the teacher's DINO and iBOT logits. gram_targets: (Gram-teacher patch tokens [2B, P_t, C],
-        their grid, the student's grid) for a step with the Gram loss, which needs student_out.global_patches."""
+                gram_weight: float = 0.0, health: HealthPanel | None = None) -> dict:
+        """teacher_out: the teacher's DINO and iBOT logits first (`TeacherOutputs`, or a pair). gram_targets:
+        (Gram-teacher patch tokens [2B, P_t, C], their grid, the student's grid) for a step with the Gram loss, which
+        needs student_out.global_patches. health: a panel that measures this step's targets (a log step)."""
         dino_student, ibot_student, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
-        dino_teacher_logits, ibot_teacher_logits = teacher_out
+        dino_teacher_logits, ibot_teacher_logits = teacher_out[:2]
         dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
         ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
+        if health is not None:
+            health.observe_targets(dino_targets, ibot_targets, n_global)
+        if self.cfg.shuffle_targets:
+            dino_targets, ibot_targets = shuffled_rows(dino_targets), shuffled_rows(ibot_targets)
         dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
         ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=batch["global_crops"].shape[0])
         koleo = koleo_of_crops(self.koleo, cls_global, n_global, self.cfg.koleo_crops)

@@ -15,7 +15,7 @@ import runtime
 from config import ModelConfig, RunConfig
 from models.heads import DINOHead
 from models.vit import VisionTransformer, build_vit
-from objective import StudentOutputs
+from objective import StudentOutputs, TeacherOutputs
 
 
 def vit_overrides(cfg: ModelConfig) -> dict:
@@ -56,10 +56,11 @@ class SSLNet(nn.Module):
         return StudentOutputs(self.dino_head(cls_tokens), self.ibot_head(masked_patches), cls_global, global_patches)
 
     @torch.no_grad()
-    def teacher_forward(self, global_crops, mask_indices):
+    def teacher_forward(self, global_crops, mask_indices) -> TeacherOutputs:
         out = self.backbone(global_crops)
         patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-        return self.dino_head(out["x_norm_clstoken"]), self.ibot_head(patches)
+        cls_tokens = out["x_norm_clstoken"]
+        return TeacherOutputs(self.dino_head(cls_tokens), self.ibot_head(patches), cls_tokens)
 
 
 def build_student_teacher(cfg: ModelConfig) -> tuple[SSLNet, SSLNet]:

@@ -64,6 +64,7 @@ from data.mixture import MixtureImages, MixtureSampler, MixtureSchedule
 from data.shards import ShardImages, ShardProgress, build_shard_loader
 from dense import fast_dense_set, log_dense_metric
 from figures import save_png
+from health import HealthPanel
 from models.checkpoint import (
     TRAIN_CHECKPOINT_FORMAT,
     CheckpointError,
@@ -426,19 +427,23 @@ def prepare_step(state: TrainState, cfg: TrainConfig, rank: int) -> Schedules:
     return sched
 
 
-def forward_losses(state: TrainState, batch: dict, sched: Schedules, autocast: bool) -> dict:
+def forward_losses(state: TrainState, batch: dict, sched: Schedules, autocast: bool,
+                   health: HealthPanel | None = None, log_step: bool = False) -> dict:
     """Teacher on the global crops, student (possibly DDP-wrapped) on all crops, the Gram teacher on its crops when
-    this step has a Gram loss, and the loss terms."""
+    this step has a Gram loss, and the loss terms. `health` sees the teacher's class tokens of every step and, on a
+    log step, its targets."""
     device_type = batch["global_crops"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         teacher_out = state.teacher.teacher_forward(batch["global_crops"], batch["mask_indices"])
+        if health is not None:
+            health.observe_class_tokens(teacher_out.cls)
         gram_targets = None
         if state.gram_teacher is not None and sched.gram_weight > 0:
             gram_targets = gram_teacher_targets(state.gram_teacher, batch)
         student_out = state.model(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
         return state.losses(student_out, teacher_out, batch, sched.teacher_temp, n_global=2,
                             dino_local_weight=sched.dino_local_weight, gram_targets=gram_targets,
-                            gram_weight=sched.gram_weight)
+                            gram_weight=sched.gram_weight, health=health if log_step else None)
 
 
 @torch.no_grad()
@@ -469,12 +474,12 @@ def backward_and_update(state: TrainState, total: torch.Tensor, sched: Schedules
     return grad_norm
 
 
-def train_step(state: TrainState, batch: dict, sched: Schedules, cfg: TrainConfig,
-               dist_info: runtime.Dist) -> tuple[dict, torch.Tensor | None]:
+def train_step(state: TrainState, batch: dict, sched: Schedules, cfg: TrainConfig, dist_info: runtime.Dist,
+               health: HealthPanel | None = None, log_step: bool = False) -> tuple[dict, torch.Tensor | None]:
     """Forward, losses and -- when the loss is finite on every rank -- backward and update. Returns the loss terms
     and the gradient norm (None: no backward ran)."""
     autocast = dist_info.device.type == "cuda" and cfg.run.bf16
-    terms = forward_losses(state, batch, sched, autocast)
+    terms = forward_losses(state, batch, sched, autocast, health, log_step)
     finite = runtime.all_reduce_max(0.0 if torch.isfinite(terms["total"]).item() else 1.0, dist_info) == 0.0
     grad_norm = backward_and_update(state, terms["total"], sched, cfg.optim.clip_grad) if finite else None
     return terms, grad_norm
@@ -902,6 +907,8 @@ class Monitor:
         self.term_history: dict[str, list[float]] = {}  # per term; "gram" only from the steps that had it
         self.knn_history: dict[int, dict[str, float]] = {}  # step -> accuracies (step 0: the initialization)
         self.dense_history: dict[int, dict[str, float]] = {}  # step -> dense metric (step 0: the initialization)
+        self.health = HealthPanel(cfg.model.dino_prototypes, cfg.model.ibot_prototypes)
+        self.step_seconds = 0.0  # the logged steps' wall time: what the health panel's overhead is measured against
         if state.step == 0:
             self.evaluate(0, knn=self.knn_sets is not None, dense=self.dense_set is not None)
 
@@ -919,14 +926,20 @@ class Monitor:
                       knn=bool(run.knn_every) and (step % run.knn_every == 0 or end),
                       dense=bool(run.dense_every) and (step % run.dense_every == 0 or end))
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether step `step` is logged in full: the console line and the health panel."""
+        return step % self.cfg.run.log_every == 0 or step == self.cfg.optim.iterations or step == self.start_step + 1
+
     def log_step(self, step: int, terms: dict, sched: Schedules, grad_norm: torch.Tensor, seconds: float,
                  batch: dict, stats: dict) -> None:
         cfg, images_per_s = self.cfg, self.cfg.data.batch_size * self.dist_info.world_size / seconds
         # The mean over ranks (each rank's terms are over its own share of the batch: its masked crops, its KoLeo
         # neighbours), so that runs on different numbers of processes log comparable curves.
         self.last = runtime.mean_over_ranks(terms, self.dist_info)
+        self.step_seconds += seconds
         for name, value in self.last.items():
             self.term_history.setdefault(name, []).append(value)
+        health = self.health.scalars(step, self.last) if self.is_log_step(step) else None
         if self.writer is not None:
             for name, value in self.last.items():
                 self.writer.add_scalar(f"loss/{name}", value, step)
@@ -940,11 +953,11 @@ class Monitor:
             if "part_counts" in stats:  # the realized mixture: each part's share of the images so far
                 total = max(sum(stats["part_counts"]), 1)
                 scalars.update({f"data/part{i}_share": count / total for i, count in enumerate(stats["part_counts"])})
+            scalars.update({f"health/{name}": value for name, value in (health or {}).items()})
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
             log_memory(self.writer, step, self.dist_info.device)
-        if self.dist_info.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.iterations
-                                       or step == self.start_step + 1):
+        if self.dist_info.is_main and health is not None:
             last = self.last
             eta = runtime.Progress.format_seconds(self.progress.eta_seconds(step - 1))
             gram = f" gram {last['gram']:.4g}" if "gram" in last else ""
@@ -954,14 +967,19 @@ class Monitor:
                 skipped += "  parts " + "/".join(str(count) for count in stats["part_counts"])
             logger.info(f"step {step}/{cfg.optim.iterations}  loss {last['total']:.4f} (dino {last['dino']:.4f} "
                         f"ibot {last['ibot']:.4f} koleo {last['koleo']:.4f}{gram})  lr {sched.lr:.2e}{crops}  "
-                        f"{images_per_s:.1f} img/s  eta {eta}{skipped}")
+                        f"{images_per_s:.1f} img/s  eta {eta}{skipped}  | {self.health.console(health)}")
 
     def finish(self, state: TrainState) -> dict:
         """The run's summary; at the end of the schedule also the final feature map and the output paths."""
         out_dir = Path(self.cfg.run.output_dir)
         summary = {"step": state.step, "losses": self.last, "history": self.term_history.get("total", []),
                    "term_history": self.term_history, "knn": self.knn_history, "dense": self.dense_history,
-                   "output_dir": str(out_dir), "stats": state.stats}
+                   "output_dir": str(out_dir), "stats": state.stats, "health": {
+                       "verdict": self.health.verdict(), "history": self.health.history,
+                       "overhead": self.health.seconds / max(self.step_seconds, 1e-9)}}
+        if self.dist_info.is_main:
+            logger.info(f"{self.health.verdict()} (health panel overhead "
+                        f"{100 * summary['health']['overhead']:.2f} % of the step time)")
         if state.step == self.cfg.optim.iterations:
             figure = self.evaluate(state.step, maps=True)
             if self.dist_info.is_main:
@@ -1030,7 +1048,8 @@ def run_training(cfg: TrainConfig, start: StartingPoint, dataset: ImageDataset |
                 shard_progress.consumed(batch)
             batch = runtime.to_device(batch, dist_info.device)
             sched = prepare_step(state, cfg, dist_info.rank)
-            terms, grad_norm = train_step(state, batch, sched, cfg, dist_info)
+            terms, grad_norm = train_step(state, batch, sched, cfg, dist_info, monitor.health,
+                                          monitor.is_log_step(state.step + 1))
             if mixture is not None:  # each part's position: what a resumed sampler starts from
                 counts = mixture.step_counts(state.step, cfg.data.batch_size * dist_info.world_size)
                 state.stats["part_counts"] = [int(a + b) for a, b in zip(state.stats["part_counts"], counts)]
@@ -1078,6 +1097,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  teacher backbone:  {summary['backbone']}  (released DINOv3 format)")
         print(f"  TensorBoard logs:  {Path(summary['output_dir']) / 'tensorboard'}")
         print(f"  PCA feature map:   {summary['pca_png']}")
+        print(f"  health:            {summary['health']['verdict']}")
     knn = summary.get("knn", {})
     if len(knn) >= 2:
         first, last = min(knn), max(knn)

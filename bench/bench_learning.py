@@ -13,7 +13,17 @@ files' times (evaluation is not part of it).
     python -m bench.bench_learning                       # the full curve -> runs/bench_learning/
     python -m bench.bench_learning --out docs --supervised   # what the README shows (docs/learning_curve.*)
     python -m bench.bench_learning --steps 300 --eval-every 150 --override --optim.lr.peak 3e-4   # an ablation
+    python -m bench.bench_learning --quick               # working objective against its controls, minutes
+    python -m bench.bench_learning --controls shuffled koleo-only --override ...   # a setting with its controls
     pytest bench/bench_learning.py -s -m slow            # the same full curve, printed
+
+Controls (train.py options, so any fork can rerun them): "shuffled" (`--loss.shuffle-targets`: every DINO and
+iBOT target row goes to another sample), "koleo-only" (DINO and iBOT weights 0: what KoLeo alone does) and
+"koleo-off" (`--loss.koleo-weight 0`). A self-distillation objective that learns beats the first two by more than
+the noise (the binomial standard error of k-NN on 500 queries is about 2 points). Each control is a run of its
+own, with the same steps, seed and data. `--quick` is 300 steps of the working objective, shuffled and
+koleo-only, measured at the end: the k-NN of each, the DINO term against its uniform value ln K and the health
+panel's verdict (health.py); docs/ablations.md, section 3, has its figures and how long its runs took.
 
 It writes learning_curve.csv and learning_curve.png, and prints the table. It never asserts a speed or an
 accuracy: tests/test_learning.py is the pass/fail check.
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +62,13 @@ KNN_KS = (10, 20)
 # The supervised reference's AdamW lr: of 1e-3 and 3e-4, 3e-4 trains ViT-tiny at 16 images per step much faster
 # (k-NN 36 % against 22 % after 600 steps).
 SUPERVISED_LR = 3e-4
+CONTROLS = {
+    "shuffled": ["--loss.shuffle-targets"],
+    "koleo-only": ["--loss.dino-weight", "0", "--loss.ibot-weight", "0"],
+    "koleo-off": ["--loss.koleo-weight", "0"],
+}
+QUICK_STEPS, QUICK_CONTROLS = 300, ("shuffled", "koleo-only")
+TERM_WINDOW = 20  # steps over which the DINO term is averaged at a checkpoint
 
 
 def learning_config(preset: str, steps: int, eval_every: int, output_dir: Path, overrides: list[str]) -> TrainConfig:
@@ -93,25 +111,32 @@ def teacher_backbone(cfg: TrainConfig, checkpoint: Path | None) -> torch.nn.Modu
     return backbone
 
 
-def learning_curve(cfg: TrainConfig, label: str = "run", supervised: bool = False) -> list[dict]:
+def learning_curve(cfg: TrainConfig, label: str = "run", supervised: bool = False,
+                   baselines: bool = True) -> list[dict]:
     """Train `cfg` on the unlabeled procedural images, then measure every kept checkpoint; rows of the curve
-    (baselines first: step None), then (`supervised`) those of the supervised reference."""
+    (`baselines` first: step None), then (`supervised`) those of the supervised reference. The last row of the
+    run carries the health panel's verdict."""
     labeled_images = labeled_pretraining_images(cfg) if supervised else None  # fails before any training
     out_dir = Path(cfg.run.output_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     sets = load_procedural_sets(LABELED_TRAIN, LABELED_VAL, size=cfg.data.global_size, n_classes=10)
-    rows = [{"curve": "pixels", "step": "", "minutes": "", **measure_features(
-        pixel_features(sets[0]), sets[1], pixel_features(sets[2]), sets[3])}]
-    rows.append({"curve": "initialization", "step": 0, "minutes": 0.0,
-                 **measure_backbone(teacher_backbone(cfg, None), sets)})
+    rows = []
+    if baselines:
+        rows.append({"curve": "pixels", "step": "", "minutes": "", **measure_features(
+            pixel_features(sets[0]), sets[1], pixel_features(sets[2]), sets[3])})
+        rows.append({"curve": "initialization", "step": 0, "minutes": 0.0,
+                     **measure_backbone(teacher_backbone(cfg, None), sets)})
     start = time.time()
     summary = train(cfg)
-    terms = summary["term_history"]
+    terms, ln_k = summary["term_history"], math.log(cfg.model.dino_prototypes)
     for step, path in runtime.list_checkpoints(out_dir):
         row = {"curve": label, "step": step, "minutes": (path.stat().st_mtime - start) / 60}
         row.update(measure_backbone(teacher_backbone(cfg, path), sets))
         row.update({f"loss_{name}": terms[name][step - 1] for name in ("dino", "ibot", "koleo")})
+        recent = terms["dino"][max(0, step - TERM_WINDOW):step]
+        row["dino_over_ln_k"] = sum(recent) / len(recent) / ln_k
         rows.append(row)
+    rows[-1]["health"] = summary["health"]["verdict"]
     if supervised:
         rows += supervised_curve(cfg, labeled_images, cfg.run.checkpoint_every, sets)
     return rows
@@ -174,8 +199,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = [r for r in rows if r["curve"] not in ("pixels", "initialization", "supervised")]
+    curve = [r for r in rows if r["curve"] not in ("pixels", "initialization", "supervised", *CONTROLS)]
     supervised = [r for r in rows if r["curve"] == "supervised"]
+    controls = [name for name in CONTROLS if any(r["curve"] == name for r in rows)]
     baselines = {r["curve"]: r for r in rows if r["curve"] in ("pixels", "initialization")}
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     minutes = [0.0] + [r["minutes"] for r in curve]
@@ -187,6 +213,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if supervised:
             ax.plot([0.0] + [r["minutes"] for r in supervised], [init[key]] + [r[key] for r in supervised],
                     marker=".", linestyle="--", color=color, alpha=0.6, label=f"{name}, trained with labels")
+    for i, control in enumerate(controls):
+        points = [r for r in rows if r["curve"] == control]
+        ax.plot([0.0] + [r["minutes"] for r in points], [init["knn_top1_k20"]] + [r["knn_top1_k20"] for r in points],
+                marker="x", linestyle="-.", color=f"C{i + 2}", label=f"k-NN top-1 (k=20), control: {control}")
     ax.axhline(10, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("training time on a 2-core CPU (minutes)")
     ax.set_ylabel("held-out top-1 (%)")
@@ -209,13 +239,36 @@ def print_table(rows: list[dict]) -> None:
               f"{r['knn_top5_k20']:>7.1f}%{r['linear_top1']:>7.1f}%  {losses}")
 
 
+def print_controls(rows: list[dict], label: str) -> None:
+    """The working objective against its controls at the last checkpoint, and the targets of issue 27."""
+    final = {r["curve"]: r for r in rows if r["curve"] in (label, *CONTROLS)}
+    working = final[label]
+    print(f"\nafter {working['step']} steps: held-out k-NN top-1 (k=20, 500 queries: standard error ~2 points), "
+          f"the DINO term (mean of the last {TERM_WINDOW} steps) against ln K, the health verdict")
+    print(f"  {'initialization':<15}{rows[1]['knn_top1_k20']:>6.1f}%")
+    for name, row in final.items():
+        print(f"  {name:<15}{row['knn_top1_k20']:>6.1f}%  DINO term {row['dino_over_ln_k']:.3f} ln K  "
+              f"{row.get('health', '')}")
+    checks = [(f"working >= {name} + 5 points", working["knn_top1_k20"] - final[name]["knn_top1_k20"] >= 5)
+              for name in ("shuffled", "koleo-only") if name in final]
+    checks.append(("DINO term <= 0.9 ln K", working["dino_over_ln_k"] <= 0.9))
+    print("  targets: " + "; ".join(f"{what}: {'met' if ok else 'not met'}" for what, ok in checks))
+
+
 def run(preset: str, steps: int, eval_every: int, out: Path, overrides: list[str],
-        train_dir: Path = REPO_ROOT / "runs" / "bench_learning" / "train", supervised: bool = False) -> list[dict]:
-    """The curve of `preset` (+ overrides): table printed, CSV and PNG written to `out`, checkpoints to train_dir."""
+        supervised: bool = False, controls: tuple[str, ...] = ()) -> list[dict]:
+    """The curve of `preset` (+ overrides), then of each control (the same + the control's options): table printed,
+    CSV and PNG written to `out`, checkpoints to out/train and out/train-<control> (so that runs with different
+    --out can run side by side)."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = learning_config(preset, steps, eval_every, train_dir, overrides)
+    cfg = learning_config(preset, steps, eval_every, out / "train", overrides)
     rows = learning_curve(cfg, label=preset, supervised=supervised)
+    for name in controls:
+        control_cfg = learning_config(preset, steps, eval_every, out / f"train-{name}", [*overrides, *CONTROLS[name]])
+        rows += learning_curve(control_cfg, label=name, baselines=False)
     print_table(rows)
+    if controls:
+        print_controls(rows, preset)
     write_csv(rows, out / "learning_curve.csv")
     final = [r for r in rows if r["curve"] == preset][-1]
     title = (f"{preset} ({cfg.model.arch}, batch {cfg.data.batch_size}, {steps} steps) on generated images: "
@@ -245,10 +298,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "bench_learning")
     parser.add_argument("--supervised", action="store_true",
                         help="also train the same network with the images' labels, as the reference from above")
+    parser.add_argument("--controls", nargs="+", choices=sorted(CONTROLS), default=[],
+                        help="also run these controls with the same options (train.py flags, see the docstring)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_STEPS} steps, measured at the end, with the controls {', '.join(QUICK_CONTROLS)}")
     parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
                         help="train.py options for the run, e.g. --override --optim.lr.peak 5e-4")
     args = parser.parse_args()
-    run(args.preset, args.steps, args.eval_every, args.out, args.override, supervised=args.supervised)
+    if args.quick:
+        args.steps, args.eval_every = QUICK_STEPS, QUICK_STEPS
+        args.controls = list(dict.fromkeys([*QUICK_CONTROLS, *args.controls]))
+    run(args.preset, args.steps, args.eval_every, args.out, args.override, supervised=args.supervised,
+        controls=tuple(args.controls))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 #
 #   bench/gpu_check.sh            on a CUDA machine: environment, GPU correctness tests, timings, training steps
 #   bench/gpu_check.sh --quick    the same in under 4 minutes: fewer shapes, 10 training steps
+#   bench/gpu_check.sh --learning the learning section alone (under 5 minutes): bench/gpu_learning.py, ViT-S/16
+#                                 on procedural images, working objective vs shuffled targets vs KoLeo off
 #   bench/gpu_check.sh --dry-run  anywhere: print the plan and run what a CPU can (CI runs this)
 #
 # Results go to $OUT when set (the device tool collects that folder), else gpu_results/:
@@ -12,6 +14,7 @@
 #   gpu_tests.txt    TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py (bf16/fp16/fp32 vs float64, fwd + bwd)
 #   timings.json/md  bench/gpu_timings.py: attention, Sinkhorn, Gram, 30-step vit_large training
 #   timings.log      its output, with Triton's autotuning choices (TRITON_PRINT_AUTOTUNING=1)
+#   learning.json/md --learning: each run's k-NN curve, DINO term against ln K, health panel, images/s
 #   summary.txt      each step's exit status and seconds
 # Missing Python packages are installed from the requirements files: from wheels in $WHEELS (default .whl/)
 # when that folder exists (a machine with no network), else from the package index. torch and Triton are never
@@ -21,8 +24,10 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 QUICK=0
+LEARNING=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 [[ "${1:-}" == "--quick" ]] && QUICK=1
+[[ "${1:-}" == "--learning" ]] && LEARNING=1
 OUT_DIR="${OUT:-gpu_results}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
@@ -48,6 +53,7 @@ gpu_check --dry-run: the plan on a CUDA machine
   3. TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py  (limit 120 s)
   4. TRITON_PRINT_AUTOTUNING=1 python bench/gpu_timings.py --out \$OUT  (limit 300 s; the training steps are its
      section 'train')
+  --learning instead: python bench/gpu_learning.py --out \$OUT  (limit 300 s: three runs of 70 s)
 Now, on this machine: the kernels' interpreter correctness subset, the timing script at tiny CPU sizes, and the
 GPU tests' collection (they skip without CUDA).
 EOF
@@ -61,6 +67,8 @@ EOF
     step gpu-tests-collect 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
         2>&1 | tee "$OUT_DIR/gpu_tests.txt"
     step timings-dry-run 600 "$PY" bench/gpu_timings.py --dry-run --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/timings.log"
+    step learning-dry-run 600 "$PY" bench/gpu_learning.py --dry-run --out "$OUT_DIR" 2>&1 \
+        | tee "$OUT_DIR/learning.log"
     cat "$SUMMARY"
     ! grep -qv ": exit 0," "$SUMMARY"
     exit $?
@@ -95,6 +103,12 @@ if [[ -n "$missing" ]]; then
 fi
 
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+if [[ $LEARNING == 1 ]]; then
+    step learning 300 "$PY" bench/gpu_learning.py --seconds 70 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/learning.log"
+    cat "$SUMMARY"
+    ! grep -qv ": exit 0," "$SUMMARY"
+    exit $?
+fi
 ARCH=$("$PY" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
 if [[ $QUICK == 1 ]]; then
     LIMITS=(40 60 130)

@@ -12,8 +12,7 @@ TOY = ["--data.global-size", "32", "--data.local-size", "16", "--augment.n-local
 
 
 def test_learning_curve_rows_csv_and_plot(tmp_path):
-    rows = run("demo", steps=4, eval_every=2, out=tmp_path / "out", overrides=TOY, train_dir=tmp_path / "train",
-               supervised=True)
+    rows = run("demo", steps=4, eval_every=2, out=tmp_path / "out", overrides=TOY, supervised=True)
     assert [r["curve"] for r in rows] == ["pixels", "initialization", "demo", "demo", "supervised", "supervised"]
     assert [r["step"] for r in rows[1:]] == [0, 2, 4, 2, 4]
     for row in rows:
@@ -42,5 +41,16 @@ def test_supervised_reference_needs_the_procedural_labels(tmp_path):
     with pytest.raises(ValueError, match="procedural"):
         labeled_pretraining_images(cfg)
     with pytest.raises(ValueError, match="procedural"):  # before any training: the folder holds no image
-        run("demo", 4, 2, tmp_path / "out", [*TOY, "--data.path", str(tmp_path)], train_dir=tmp_path / "train",
-            supervised=True)
+        run("demo", 4, 2, tmp_path / "out", [*TOY, "--data.path", str(tmp_path)], supervised=True)
+
+
+def test_controls_run_with_the_same_options_and_are_compared(tmp_path, capsys):
+    rows = run("demo", steps=2, eval_every=2, out=tmp_path / "out", overrides=TOY, controls=("koleo-only",))
+    assert [r["curve"] for r in rows] == ["pixels", "initialization", "demo", "koleo-only"]
+    config = (tmp_path / "out" / "train-koleo-only" / "config.json").read_text()
+    assert '"dino_weight": 0.0' in config and '"ibot_weight": 0.0' in config
+    assert rows[3]["loss_dino"] > 0  # the term is still computed and reported, only its weight is 0
+    assert all(0 < r["dino_over_ln_k"] < 1.5 for r in rows[2:])
+    out = capsys.readouterr().out
+    assert "targets: working >= koleo-only + 5 points:" in out and "DINO term <= 0.9 ln K:" in out
+    assert rows[2]["health"] in out

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ("train", "distill", "eval", "export", "curate")
 # The repository root's other modules: what the entry points share, each named for what it holds.
 SHARED = ("config", "runtime", "schedules", "student_teacher", "objective", "optimizer", "monitor", "probes",
-          "figures", "dense")
+          "figures", "dense", "health")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -5,6 +5,11 @@
 #   bench/gpu_check.sh --quick    the same in under 4 minutes: fewer shapes, 10 training steps
 #   bench/gpu_check.sh --learning the learning section alone (under 5 minutes): bench/gpu_learning.py, ViT-S/16
 #                                 on procedural images, working objective vs shuffled targets vs KoLeo off
+#   bench/gpu_check.sh --fp32-probe  every fp32 attention tile alone (bench/fp32_attention_probe.py, ~2 minutes):
+#                                 which one faults (issue 29), with compute-sanitizer's report when the image has it
+#   bench/gpu_check.sh --official the training step against the official DINOv3 code's (bench/official_step.py,
+#                                 ~4 minutes), vitl16-im1k recipe; needs third_party/dinov3 and third_party/wheels
+#                                 carried (git-ignored: see the script's docstring)
 #   bench/gpu_check.sh --dry-run  anywhere: print the plan and run what a CPU can (CI runs this)
 #
 # Results go to $OUT when set (the device tool collects that folder), else gpu_results/:
@@ -15,6 +20,8 @@
 #   timings.json/md  bench/gpu_timings.py: attention, Sinkhorn, Gram, 30-step vit_large training
 #   timings.log      its output, with Triton's autotuning choices (TRITON_PRINT_AUTOTUNING=1)
 #   learning.json/md --learning: each run's k-NN curve, DINO term against ln K, health panel, images/s
+#   fp32_probe.json/md  --fp32-probe: each config's status (ok / wrong / fault) and errors against float64
+#   official_step.json  --official: images/s, peak memory and MFU of both steps, same card, same batch
 #   summary.txt      each step's exit status and seconds
 # Missing Python packages are installed from the requirements files: from wheels in $WHEELS (default .whl/)
 # when that folder exists (a machine with no network), else from the package index. torch and Triton are never
@@ -25,9 +32,13 @@ cd "$(dirname "$0")/.."
 DRY_RUN=0
 QUICK=0
 LEARNING=0
+FP32_PROBE=0
+OFFICIAL=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 [[ "${1:-}" == "--quick" ]] && QUICK=1
 [[ "${1:-}" == "--learning" ]] && LEARNING=1
+[[ "${1:-}" == "--fp32-probe" ]] && FP32_PROBE=1
+[[ "${1:-}" == "--official" ]] && OFFICIAL=1
 OUT_DIR="${OUT:-gpu_results}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
@@ -54,6 +65,8 @@ gpu_check --dry-run: the plan on a CUDA machine
   4. TRITON_PRINT_AUTOTUNING=1 python bench/gpu_timings.py --out \$OUT  (limit 300 s; the training steps are its
      section 'train')
   --learning instead: python bench/gpu_learning.py --out \$OUT  (limit 300 s: three runs of 70 s)
+  --fp32-probe instead: python bench/fp32_attention_probe.py --sanitizer --out \$OUT  (limit 240 s)
+  --official instead: torchrun --nproc_per_node=1 bench/official_step.py --batch 32 --out \$OUT  (limit 420 s)
 Now, on this machine: the kernels' interpreter correctness subset, the timing script at tiny CPU sizes, and the
 GPU tests' collection (they skip without CUDA).
 EOF
@@ -103,6 +116,24 @@ if [[ -n "$missing" ]]; then
 fi
 
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+if [[ $FP32_PROBE == 1 ]]; then
+    step fp32-probe 240 "$PY" bench/fp32_attention_probe.py --sanitizer --timeout 100 --out "$OUT_DIR" 2>&1 \
+        | tee "$OUT_DIR/fp32_probe.log"
+    cat "$SUMMARY"
+    ! grep -qv ": exit 0," "$SUMMARY"
+    exit $?
+fi
+if [[ $OFFICIAL == 1 ]]; then
+    # The official code's pure-Python requirements, from the carried wheels (the device has no network).
+    "$PY" -m pip install -q --no-index --no-deps --find-links third_party/wheels --target /tmp/official_site \
+        omegaconf antlr4-python3-runtime pyyaml ftfy wcwidth regex submitit cloudpickle termcolor torchmetrics \
+        lightning-utilities packaging 2>&1 | tail -3
+    step official 420 "$PY" -m torch.distributed.run --nproc_per_node=1 bench/official_step.py \
+        --site /tmp/official_site --batch 32 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/official_step.log"
+    cat "$SUMMARY"
+    ! grep -qv ": exit 0," "$SUMMARY"
+    exit $?
+fi
 if [[ $LEARNING == 1 ]]; then
     step learning 300 "$PY" bench/gpu_learning.py --seconds 70 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/learning.log"
     cat "$SUMMARY"

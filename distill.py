@@ -207,10 +207,11 @@ class DistillConfig:
 
 
 def _demo() -> DistillConfig:
-    """train.py's demo teacher (vit_tiny, 300 steps) into a vit_tiny and a ConvNeXt-Tiny: CPU, a few minutes."""
+    """train.py's demo teacher (the newest checkpoint of runs/demo, `make run`) into a vit_tiny and a ConvNeXt-Tiny:
+    CPU, a few minutes."""
     return DistillConfig(
         students="vit_tiny,convnext_tiny",
-        teacher=TeacherConfig(checkpoint="runs/demo/checkpoint_00000300.pth", temp=constant(0.07)),
+        teacher=TeacherConfig(checkpoint="runs/demo", temp=constant(0.07)),
         data=DataConfig(batch_size=16, num_workers=2, global_size=96, local_size=48),
         # train.py's demo augmentation, which made the teacher.
         augment=AugmentConfig(n_local_crops=4, flip_p=0.5, first_global_blur_p=1.0, second_global_blur_p=0.1),

@@ -214,12 +214,12 @@ def test_gram_teacher_changes_only_on_schedule_and_never_gets_gradients(tmp_path
     seen = []
     forward_losses = train.forward_losses
 
-    def spy(state, batch, sched, autocast):
+    def spy(state, batch, sched, *args, **kwargs):
         gram_teacher = state.gram_teacher
         seen.append({"gram": _fingerprint(gram_teacher), "ema": _fingerprint(state.teacher.backbone),
                      "weight": sched.gram_weight,
                      "grad": any(p.requires_grad or p.grad is not None for p in gram_teacher.parameters())})
-        return forward_losses(state, batch, sched, autocast)
+        return forward_losses(state, batch, sched, *args, **kwargs)
 
     monkeypatch.setattr(train, "forward_losses", spy)
     cfg = gram_config(tmp_path, "--optim.iterations", "9", "--gram.start-iteration", "2",

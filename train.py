@@ -869,21 +869,14 @@ def build_train_loader(dataset: ImageDataset | ShardImages, cfg: TrainConfig, st
     if isinstance(dataset, MixtureImages):
         sampler = MixtureSampler(dataset, mixture_schedule(dataset, cfg), cfg.data.batch_size, dist_info.rank,
                                  dist_info.world_size, start_step, stats.get("part_counts"))
+    augment = dataclasses.replace(cfg.augment, patch_size=patch_size)
+    common = dict(batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                  seed=cfg.run.seed, start_step=start_step, num_workers=cfg.data.num_workers, patch_size=patch_size,
+                  mask_probability=cfg.data.mask_probability, mask_ratio=cfg.data.mask_ratio)
     if isinstance(dataset, ShardImages):
-        return build_shard_loader(
-            dataset, dataclasses.replace(cfg.augment, patch_size=patch_size), crop_size_schedule(cfg),
-            batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
-            start_step=start_step, start_shard=stats.get("resume_shard", 0), num_workers=cfg.data.num_workers,
-            patch_size=patch_size,
-            shuffle_buffer=cfg.data.shuffle_buffer, mask_probability=cfg.data.mask_probability,
-            mask_ratio=cfg.data.mask_ratio,
-        )
-    return build_loader(
-        dataset, dataclasses.replace(cfg.augment, patch_size=patch_size), crop_size_schedule(cfg),
-        batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
-        start_step=start_step, num_workers=cfg.data.num_workers, patch_size=patch_size,
-        mask_probability=cfg.data.mask_probability, mask_ratio=cfg.data.mask_ratio, sampler=sampler,
-    )
+        return build_shard_loader(dataset, augment, crop_size_schedule(cfg), start_shard=stats.get("resume_shard", 0),
+                                  shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    return build_loader(dataset, augment, crop_size_schedule(cfg), sampler=sampler, **common)
 
 
 class Monitor:

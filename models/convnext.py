@@ -246,17 +246,25 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"asked for stages {wanted} of a 4-stage ConvNeXt")
         grid = self.grid(x)
         maps = self.stage_features(x)
-        patches, class_tokens = [], []
-        for i in wanted:
-            tokens = self.tokens(maps[i], grid)
-            if norm and i == 3:
-                tokens = self.norm(tokens)
-            class_tokens.append(tokens[:, 0])
-            patch = tokens[:, 1:]
-            if reshape:
-                patch = patch.reshape(patch.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
-            patches.append(patch)
-        return tuple(zip(patches, class_tokens)) if return_class_token else tuple(patches)
+        return levels_as_vit_layers(maps, wanted, grid, self.tokens, self.norm if norm else None, reshape,
+                                    return_class_token)
+
+
+def levels_as_vit_layers(maps: list[torch.Tensor], wanted: list[int], grid: tuple[int, int], to_tokens,
+                         final_norm, reshape: bool, return_class_token: bool) -> tuple:
+    """`get_intermediate_layers` of a backbone of feature maps, shaped like the ViT's: the levels `wanted` as tokens
+    on the ViT grid (`to_tokens(map, grid)`: class token first), `final_norm` (None: none) on the last level only."""
+    patches, class_tokens = [], []
+    for i in wanted:
+        tokens = to_tokens(maps[i], grid)
+        if final_norm is not None and i == len(maps) - 1:
+            tokens = final_norm(tokens)
+        class_tokens.append(tokens[:, 0])
+        patch = tokens[:, 1:]
+        if reshape:
+            patch = patch.reshape(patch.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+        patches.append(patch)
+    return tuple(zip(patches, class_tokens)) if return_class_token else tuple(patches)
 
 
 def build_convnext(arch: str | ConvNeXtConfig = "convnext_tiny", **overrides) -> ConvNeXt:

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.convnext import mask_patch_pixels, pooled_and_grid_tokens
+from models.convnext import levels_as_vit_layers, mask_patch_pixels, pooled_and_grid_tokens
 from models.vit import forward_crops
 
 LIBRARIES = ("timm", "torchvision")
@@ -216,17 +216,8 @@ class ExternalBackbone(nn.Module):
         if not wanted or not all(0 <= i < count for i in wanted):
             raise ValueError(f"asked for levels {wanted} of a backbone with {count} feature levels")
         grid = self.grid(x)
-        patches, class_tokens = [], []
-        for i in wanted:
-            tokens = self.tokens(maps[i], grid)
-            if norm and i == count - 1:
-                tokens = self.norm(tokens)
-            class_tokens.append(tokens[:, 0])
-            patch = tokens[:, 1:]
-            if reshape:
-                patch = patch.reshape(patch.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
-            patches.append(patch)
-        return tuple(zip(patches, class_tokens)) if return_class_token else tuple(patches)
+        return levels_as_vit_layers(maps, wanted, grid, self.tokens, self.norm if norm else None, reshape,
+                                    return_class_token)
 
 
 def build_external(spec: str, mask_mode: MaskMode = "ignore") -> ExternalBackbone:

@@ -37,6 +37,7 @@ class ModelConfig:
     layerscale_init: float | None = None  # None: the architecture's own (models/vit.py)
     # RoPE box jitter drawn per block and crop group (the official ViT) or once per forward; None: the arch's.
     rope_jitter_per: Literal["block", "forward"] | None = None
+    patch_size: int | None = None  # None: the architecture's (16); e.g. 8 for 4x the tokens of a small crop
     attn_impl: AttnImpl = "auto"  # the attention kernel's auto/triton/reference, or sdpa / xformers (README.md)
     dino_prototypes: int = 65536
     dino_hidden: int = 2048
@@ -107,6 +108,12 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
+    # "dino": the recipe's DINO + iBOT cross-entropies against centered prototype targets. "coding_rate": not the
+    # recipe, the SimDINO-style alternative of losses/coding_rate.py (alignment of the heads' normalized embeddings,
+    # minus coding_rate_weight x the coding rate); dino_weight and ibot_weight then weigh its two alignments.
+    objective: Literal["dino", "coding_rate"] = "dino"
+    coding_rate_weight: float = 0.1
+    coding_rate_eps: float = 0.5
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
@@ -119,6 +126,9 @@ class LossConfig:
     student_temp: float = 0.1
     centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
     sinkhorn_iterations: int = SINKHORN_ITERATIONS
+    # Not in the recipe: Sinkhorn-Knopp balances the DINO targets of this step together with the teacher scores
+    # of the last N class-token rows (a queue, as SwAV does for small batches); 0 is the recipe's one-step balance.
+    sinkhorn_queue: int = 0
     center_momentum: float = CENTER_MOMENTUM  # softmax centering only
     # Weight of the local-crop DINO terms (the official `reweight_dino_local_loss` schedule); 1 is the plain loss.
     dino_local_weight: Schedule = field(default_factory=lambda: constant(1.0))
@@ -236,6 +246,14 @@ def group_problems(data: DataConfig, augment: AugmentConfig, optim: OptimConfig,
     problems += value_problems("optim.lr", optim.lr, low=0.0)
     problems += value_problems("optim.weight_decay", optim.weight_decay, low=0.0)
     problems += value_problems("teacher.temp", teacher_temp, low=0.0, low_inclusive=False)
+    if loss.coding_rate_eps <= 0:
+        problems.append(f"loss.coding_rate_eps={loss.coding_rate_eps} must be > 0")
+    if loss.objective == "coding_rate" and loss.sinkhorn_queue:
+        problems.append("loss.sinkhorn_queue is for --loss.objective dino (the coding-rate objective has no centering)")
+    if loss.sinkhorn_queue < 0:
+        problems.append(f"loss.sinkhorn_queue={loss.sinkhorn_queue} must be >= 0 (0: no queue)")
+    if loss.sinkhorn_queue and loss.centering != "sinkhorn_knopp":
+        problems.append("loss.sinkhorn_queue needs --loss.centering sinkhorn_knopp (the queue feeds its balancing)")
     if loss.koleo_group_size is not None and loss.koleo_group_size < 2:
         problems.append(f"loss.koleo_group_size={loss.koleo_group_size} must be >= 2 (or None: the rank's batch)")
     if data.gram_teacher_size is not None and (data.gram_teacher_size % patch or data.gram_teacher_size < patch):

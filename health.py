@@ -12,6 +12,10 @@ DINO and iBOT targets and the teacher's class tokens (no extra forward pass).
 - Effective rank (RankMe, Garrido et al. 2023): exp of the entropy of the normalized singular values of the
   teacher's class tokens over a rolling window of recent batches; 1 when every token is the same direction.
 
+With the coding-rate objective (losses/coding_rate.py) there are no targets: the view agreement is measured on the
+teacher's class-token embeddings instead, as the cosine distance 1 - z.z' between one image's two views ("dist
+same") against two images' ("dist other"), and the DINO term is its class alignment (a distance, not nats).
+
 `HealthPanel` keeps the window and the values of the last observed step; train.py feeds it and logs its scalars
 under `health/`. In a data-parallel run each rank measures its own batch; rank 0 logs its own.
 """
@@ -35,6 +39,7 @@ RANK_WINDOW_BATCHES = 8  # batches of teacher class tokens in the RankMe window
 # has the values of starved and learning runs).
 GAP_STARTED = 0.1
 TERM_AT_UNIFORM = 0.97
+GAP_STARTED_EMBEDDINGS = 0.1  # coding-rate objective: dist other - dist same below this (cosine distance, of 2)
 COLLAPSED_SPREAD = 0.1  # std * sqrt(d) below this: the class tokens have collapsed to (nearly) one direction
 
 
@@ -64,6 +69,17 @@ def view_agreement(targets: torch.Tensor, n_global: int = 2) -> tuple[torch.Tens
 
 
 @torch.no_grad()
+def embedding_view_distance(embeddings: torch.Tensor, n_global: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dist same, dist other) of crop-major normalized embeddings [n_global * B, d]: the mean cosine distance
+    1 - z.z' from each image's first crop to its second crop, and to the next image's second crop (cyclic)."""
+    if n_global < 2 or embeddings.shape[0] % n_global or embeddings.shape[0] // n_global < 2:
+        raise ValueError(f"embedding_view_distance needs two global crops of at least 2 images, crop-major; got "
+                         f"{embeddings.shape[0]} rows for n_global={n_global}")
+    first, second = F.normalize(embeddings.float(), dim=-1).unflatten(0, (n_global, -1))[:2]
+    return 1 - (first * second).sum(-1).mean(), 1 - (first * second.roll(-1, dims=0)).sum(-1).mean()
+
+
+@torch.no_grad()
 def token_spread(tokens: torch.Tensor) -> torch.Tensor:
     """Std across the rows of the L2-normalized `tokens` [N, d], averaged over the d dimensions: about 1/sqrt(d)
     for tokens spread over the sphere, 0 when all rows point the same way."""
@@ -83,8 +99,10 @@ class HealthPanel:
     window; on a log step `observe_targets` measures the targets and `scalars` gives every value (`health/` names).
     The history of the logged values makes the run's verdict."""
 
-    def __init__(self, dino_prototypes: int, ibot_prototypes: int, window_batches: int = RANK_WINDOW_BATCHES):
+    def __init__(self, dino_prototypes: int, ibot_prototypes: int, window_batches: int = RANK_WINDOW_BATCHES,
+                 objective: str = "dino"):
         self.ln_k_dino, self.ln_k_ibot = math.log(dino_prototypes), math.log(ibot_prototypes)
+        self.embeddings = objective == "coding_rate"  # no targets: view agreement of the teacher's embeddings
         self.window: deque[torch.Tensor] = deque(maxlen=window_batches)
         self.pending: dict[str, torch.Tensor] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -108,6 +126,16 @@ class HealthPanel:
             self.pending["view_ce_same"], self.pending["view_ce_other"] = view_agreement(dino_targets, n_global)
         self.seconds += time.perf_counter() - start
 
+    @torch.no_grad()
+    def observe_embeddings(self, dino_embeddings: torch.Tensor, n_global: int) -> None:
+        """The coding-rate objective's stand-in for `observe_targets`: the teacher's class-token embeddings
+        [n_global * B, d], crop-major."""
+        start = time.perf_counter()
+        if n_global >= 2 and dino_embeddings.shape[0] >= 2 * n_global:
+            self.pending["view_dist_same"], self.pending["view_dist_other"] = embedding_view_distance(
+                dino_embeddings, n_global)
+        self.seconds += time.perf_counter() - start
+
     def scalars(self, step: int, terms: dict[str, float]) -> dict[str, float]:
         """Every health value of this step (`health/<name>`), given the step's loss terms; kept in the history."""
         start = time.perf_counter()
@@ -115,12 +143,15 @@ class HealthPanel:
         self.pending = {}
         if "view_ce_same" in values:
             values["view_gap"] = values["view_ce_other"] - values["view_ce_same"]
+        if "view_dist_same" in values:
+            values["view_gap"] = values["view_dist_other"] - values["view_dist_same"]
         if "dino_entropy" in values:
             values["dino_entropy_over_ln_k"] = values["dino_entropy"] / self.ln_k_dino
         if "ibot_entropy" in values:
             values["ibot_entropy_over_ln_k"] = values["ibot_entropy"] / self.ln_k_ibot
-        values["dino_term_over_ln_k"] = terms["dino"] / self.ln_k_dino
-        values["ibot_term_over_ln_k"] = terms["ibot"] / self.ln_k_ibot
+        if not self.embeddings:  # the coding-rate objective's terms are distances, not nats
+            values["dino_term_over_ln_k"] = terms["dino"] / self.ln_k_dino
+            values["ibot_term_over_ln_k"] = terms["ibot"] / self.ln_k_ibot
         if self.window:
             latest = self.window[-1]
             values["cls_std"] = token_spread(latest).item()
@@ -135,7 +166,8 @@ class HealthPanel:
         parts = []
         if "dino_entropy" in values:
             parts.append(f"H(t) {values['dino_entropy']:.2f}/{self.ln_k_dino:.2f}")
-        parts.append(f"dino/lnK {values['dino_term_over_ln_k']:.3f}")
+        if "dino_term_over_ln_k" in values:
+            parts.append(f"dino/lnK {values['dino_term_over_ln_k']:.3f}")
         if "view_gap" in values:
             parts.append(f"view gap {values['view_gap']:.2f}")
         if "cls_std_sqrt_d" in values:
@@ -159,6 +191,8 @@ class HealthPanel:
         if spread is not None and spread < COLLAPSED_SPREAD:
             return (f"collapsed: the class tokens point (nearly) one way (std x sqrt(d) {spread:.3f}, rank "
                     f"{mean('rankme'):.1f}) after {step} steps")
+        if self.embeddings:
+            return self._embedding_verdict(step, gap, mean("view_dist_same"), mean("view_dist_other"))
         if gap is None:
             return f"the DINO term is at {term:.3f} ln K after {step} steps (no view agreement: one image per step)"
         views = f"CE same {same:.2f} vs CE other {other:.2f} nats, gap {gap / self.ln_k_dino:.3f} ln K"
@@ -169,3 +203,13 @@ class HealthPanel:
             return (f"the DINO objective is learning: two views' targets agree more than two images' ({views}) and "
                     f"the DINO term is down to {term:.3f} ln K after {step} steps")
         return f"the DINO objective is starting: {views}, DINO term at {term:.3f} ln K after {step} steps"
+
+    def _embedding_verdict(self, step: int, gap: float | None, same: float | None, other: float | None) -> str:
+        if gap is None:
+            return f"the coding-rate objective after {step} steps (no view agreement: one image per step)"
+        views = f"cosine distance same {same:.3f} vs other {other:.3f}, gap {gap:.3f}"
+        if gap < GAP_STARTED_EMBEDDINGS:
+            return (f"the coding-rate objective has not started: two views' embeddings are no closer than two "
+                    f"images' ({views}) after {step} steps")
+        return f"the coding-rate objective is learning: two views' embeddings are closer than two images' ({views}) " \
+               f"after {step} steps"

@@ -11,6 +11,7 @@ from torch import nn
 
 from config import GramConfig, KoLeoCrops, LossConfig, ModelConfig
 from health import HealthPanel
+from losses.coding_rate import CodingRateLoss
 from losses.dino import DINOLoss
 from losses.gram import GramAnchoringLoss
 from losses.ibot import IBOTLoss
@@ -20,6 +21,7 @@ from losses.koleo import DistributedKoLeoLoss, KoLeoLoss
 class StudentOutputs(NamedTuple):
     """What a student's forward over all crops gives the objective."""
 
+    # Head outputs: prototype scores [.., K], or with the coding-rate objective the normalized embeddings [.., d].
     dino: torch.Tensor  # class-token head outputs of every crop [(2 + n_local) B, K], crop-major
     ibot: torch.Tensor  # patch head outputs of the masked global-crop patches [M, K']
     cls_global: torch.Tensor  # the global crops' class tokens [2B, C] (KoLeo)
@@ -68,9 +70,11 @@ class SSLLosses(nn.Module):
         centering = dict(centering=loss.centering, center_momentum=loss.center_momentum,
                          sinkhorn_iterations=loss.sinkhorn_iterations, sinkhorn_impl=model.kernel_impl,
                          process_group=process_group)
-        self.dino = DINOLoss(model.dino_prototypes, student_temp=loss.student_temp, **centering)
+        self.dino = DINOLoss(model.dino_prototypes, student_temp=loss.student_temp, queue_size=loss.sinkhorn_queue,
+                             **centering)
         self.ibot = IBOTLoss(model.ibot_prototypes, student_temp=loss.student_temp, **centering)
         self.koleo = build_koleo(loss, process_group)
+        self.coding_rate = CodingRateLoss(loss.coding_rate_eps) if loss.objective == "coding_rate" else None
         self.gram = GramAnchoringLoss(
             normalize=gram.normalize, remove_neg=gram.remove_neg, img_level=gram.img_level,
             tokens_used=gram.tokens_used, resize_mode=gram.resize_mode, resize_antialias=gram.resize_antialias,
@@ -84,19 +88,27 @@ class SSLLosses(nn.Module):
         (Gram-teacher patch tokens [2B, P_t, C], their grid, the student's grid) for a step with the Gram loss, which
         needs student_out.global_patches. health: a panel that measures this step's targets (a log step)."""
         dino_student, ibot_student, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
-        dino_teacher_logits, ibot_teacher_logits = teacher_out[:2]
-        dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
-        ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
-        if health is not None:
-            health.observe_targets(dino_targets, ibot_targets, n_global)
-        if self.cfg.shuffle_targets:
-            dino_targets, ibot_targets = shuffled_rows(dino_targets), shuffled_rows(ibot_targets)
-        dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
-        ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=batch["global_crops"].shape[0])
+        n_images = batch["global_crops"].shape[0]
+        if self.coding_rate is not None:
+            dino, ibot, extra = self._coding_rate_terms(student_out, teacher_out, batch, n_global, dino_local_weight,
+                                                        health)
+        else:
+            dino_teacher_logits, ibot_teacher_logits = teacher_out[:2]
+            dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
+            ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
+            if health is not None:
+                health.observe_targets(dino_targets, ibot_targets, n_global)
+            if self.cfg.shuffle_targets:
+                dino_targets, ibot_targets = shuffled_rows(dino_targets), shuffled_rows(ibot_targets)
+            dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
+            ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=n_images)
+            extra = {}
         koleo = koleo_of_crops(self.koleo, cls_global, n_global, self.cfg.koleo_crops)
         total = self.cfg.dino_weight * dino.loss + self.cfg.ibot_weight * ibot + self.cfg.koleo_weight * koleo
+        if "coding_rate" in extra:
+            total = total - self.cfg.coding_rate_weight * extra["coding_rate"]
         terms = {"dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss, "ibot": ibot,
-                 "koleo": koleo}
+                 "koleo": koleo, **extra}
         if gram_targets is not None:
             student_patches = student_out.global_patches
             teacher_patches, teacher_grid, student_grid = gram_targets
@@ -104,7 +116,26 @@ class SSLLosses(nn.Module):
                              batch["masks"].view(student_patches.shape[:2]))
             total = total + gram_weight * gram
             terms["gram"] = gram
+        if self.coding_rate is not None:
+            return {"total": total, **terms}
         if self.cfg.centering == "softmax":
             self.dino.update_center(dino_teacher_logits)
             self.ibot.update_center(ibot_teacher_logits)
+        if self.cfg.sinkhorn_queue:
+            self.dino.update_queue(dino_teacher_logits)
         return {"total": total, **terms}
+
+    def _coding_rate_terms(self, student_out: StudentOutputs, teacher_out: tuple, batch: dict, n_global: int,
+                           dino_local_weight: float, health: HealthPanel | None) -> tuple:
+        """The coding-rate objective's class alignment (a DINOLossOutput), patch alignment and {"coding_rate": R};
+        the heads' outputs are normalized embeddings here (SSLNet with embeddings=True)."""
+        dino_teacher, ibot_teacher = teacher_out[:2]
+        if health is not None:
+            health.observe_embeddings(dino_teacher, n_global)
+        if self.cfg.shuffle_targets:
+            dino_teacher, ibot_teacher = shuffled_rows(dino_teacher), shuffled_rows(ibot_teacher)
+        align = self.coding_rate.class_alignment(student_out.dino, dino_teacher, n_global, dino_local_weight)
+        patches = self.coding_rate.patch_alignment(student_out.ibot, ibot_teacher, batch["mask_weights"],
+                                                   batch["global_crops"].shape[0])
+        rate = self.coding_rate.rate(student_out.dino[: dino_teacher.shape[0]], n_global)
+        return align, patches, {"coding_rate": rate}

@@ -20,7 +20,8 @@ from objective import StudentOutputs, TeacherOutputs
 
 def vit_overrides(cfg: ModelConfig) -> dict:
     """The ViT fields this config sets on top of its architecture's (models/vit.py holds the defaults)."""
-    fields = {"layerscale_init": cfg.layerscale_init, "rope_jitter_per": cfg.rope_jitter_per}
+    fields = {"layerscale_init": cfg.layerscale_init, "rope_jitter_per": cfg.rope_jitter_per,
+              "patch_size": cfg.patch_size}
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -38,15 +39,18 @@ def multi_crop_tokens(backbone: nn.Module, global_crops: torch.Tensor, local_cro
 class SSLNet(nn.Module):
     """A backbone with its DINO (class token) and iBOT (patch tokens) heads."""
 
-    def __init__(self, cfg: ModelConfig, drop_path_rate: float):
+    def __init__(self, cfg: ModelConfig, drop_path_rate: float, embeddings: bool = False):
         super().__init__()
+        # embeddings: the heads give their normalized bottleneck embeddings instead of prototype scores (the
+        # coding-rate objective); the prototype layers are then unused, which DDP must be told.
+        self.embeddings = embeddings
         self.backbone: VisionTransformer = build_vit(cfg.arch, drop_path_rate=drop_path_rate, attn_impl=cfg.attn_impl,
                                                      **vit_overrides(cfg))
         dim = self.backbone.embed_dim
         self.dino_head = DINOHead(dim, cfg.dino_prototypes, cfg.dino_hidden, cfg.dino_bottleneck,
-                                  normalize_prototypes=cfg.normalize_prototypes)
+                                  normalize_prototypes=cfg.normalize_prototypes, embeddings_only=embeddings)
         self.ibot_head = DINOHead(dim, cfg.ibot_prototypes, cfg.ibot_hidden, cfg.ibot_bottleneck,
-                                  normalize_prototypes=cfg.normalize_prototypes)
+                                  normalize_prototypes=cfg.normalize_prototypes, embeddings_only=embeddings)
 
     def forward(self, global_crops, local_crops, masks, mask_indices) -> StudentOutputs:
         """Student pass over all crops: DINO logits of every crop, iBOT logits of the masked patches, the class
@@ -63,9 +67,10 @@ class SSLNet(nn.Module):
         return TeacherOutputs(self.dino_head(cls_tokens), self.ibot_head(patches), cls_tokens)
 
 
-def build_student_teacher(cfg: ModelConfig) -> tuple[SSLNet, SSLNet]:
-    student = SSLNet(cfg, cfg.drop_path_rate)
-    teacher = SSLNet(cfg, drop_path_rate=0.0)
+def build_student_teacher(cfg: ModelConfig, embeddings: bool = False) -> tuple[SSLNet, SSLNet]:
+    """Student and EMA teacher at the same initialization; `embeddings`: see SSLNet."""
+    student = SSLNet(cfg, cfg.drop_path_rate, embeddings)
+    teacher = SSLNet(cfg, drop_path_rate=0.0, embeddings=embeddings)
     teacher.load_state_dict(student.state_dict())
     # Evaluation mode, as the official loop keeps it: no dropped paths and no RoPE box jitter for the teacher.
     teacher.requires_grad_(False).eval()
@@ -134,7 +139,8 @@ def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_inf
         return student
     if dist_info.enabled:
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
+                                                   find_unused_parameters=student.embeddings)
     return student
 
 

@@ -309,7 +309,10 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 
 def validate_config(cfg: TrainConfig, world_size: int) -> None:
     """Reject impossible combinations before any data is read or any weight is built."""
-    patch = VIT_ARCHS[cfg.model.arch].patch_size
+    if cfg.model.patch_size is not None and cfg.model.patch_size < 1:
+        raise ValueError(f"invalid training config: model.patch_size={cfg.model.patch_size} must be >= 1 (or None: "
+                         f"the architecture's)")
+    patch = cfg.model.patch_size or VIT_ARCHS[cfg.model.arch].patch_size
     problems = group_problems(cfg.data, cfg.augment, cfg.optim, cfg.loss, cfg.teacher.temp, patch)
     for name, schedule in (("teacher.momentum", cfg.teacher.momentum), ("gram.weight", cfg.gram.weight)):
         problems += schedule.problems(name)
@@ -369,7 +372,7 @@ class TrainState:
 
 def build_state(cfg: TrainConfig, dist_info: runtime.Dist) -> TrainState:
     """Student, EMA teacher, Gram teacher, losses and AdamW, on the device and wrapped for data parallelism."""
-    student, teacher = build_student_teacher(cfg.model)
+    student, teacher = build_student_teacher(cfg.model, embeddings=cfg.loss.objective == "coding_rate")
     gram_teacher = build_gram_teacher(cfg)
     for net in (student, teacher, gram_teacher):
         if net is not None:
@@ -900,7 +903,7 @@ class Monitor:
         self.term_history: dict[str, list[float]] = {}  # per term; "gram" only from the steps that had it
         self.knn_history: dict[int, dict[str, float]] = {}  # step -> accuracies (step 0: the initialization)
         self.dense_history: dict[int, dict[str, float]] = {}  # step -> dense metric (step 0: the initialization)
-        self.health = HealthPanel(cfg.model.dino_prototypes, cfg.model.ibot_prototypes)
+        self.health = HealthPanel(cfg.model.dino_prototypes, cfg.model.ibot_prototypes, objective=cfg.loss.objective)
         self.step_seconds = 0.0  # the logged steps' wall time: what the health panel's overhead is measured against
         if state.step == 0:
             self.evaluate(0, knn=self.knn_sets is not None, dense=self.dense_set is not None)

@@ -106,6 +106,7 @@ class SelfDistillationLoss(nn.Module):
         sinkhorn_iterations: int = SINKHORN_ITERATIONS,
         process_group=None,
         sinkhorn_impl: KernelImpl = "auto",
+        queue_size: int = 0,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -115,6 +116,10 @@ class SelfDistillationLoss(nn.Module):
             raise ValueError(f"{owner}: centering must be 'sinkhorn_knopp' or 'softmax', got {centering!r}")
         if not 0.0 <= center_momentum < 1.0:
             raise ValueError(f"{owner}: center_momentum must lie in [0, 1), got {center_momentum}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"{owner}: queue_size must be an int >= 0 (rows of earlier steps), got {queue_size!r}")
+        if queue_size and centering != "sinkhorn_knopp":
+            raise ValueError(f"{owner}: queue_size needs centering='sinkhorn_knopp' (the queue feeds its balancing)")
         self.out_dim = out_dim
         self.student_temp = _positive_float(owner, "student_temp", student_temp)
         self.centering = centering
@@ -124,6 +129,13 @@ class SelfDistillationLoss(nn.Module):
         self.sinkhorn_impl = sinkhorn_impl
         if centering == "softmax":
             self.register_buffer("center", torch.zeros(out_dim))
+        # The Sinkhorn-Knopp queue: the teacher scores of recent steps, newest first, balanced together with this
+        # step's rows so that a small batch is not forced to spread each row over K / B prototypes. Saved with
+        # the module's state, so a resumed run sees the same queue.
+        self.queue_size = queue_size
+        if queue_size:
+            self.register_buffer("queue", torch.zeros(queue_size, out_dim))
+            self.register_buffer("queue_rows", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def teacher_probs(
@@ -141,12 +153,36 @@ class SelfDistillationLoss(nn.Module):
                 f"{owner}: teacher logits have {teacher_logits.shape[1]} prototypes, expected {self.out_dim}"
             )
         teacher_temp = _positive_float(owner, "teacher_temp", teacher_temp)
+        if self.centering == "sinkhorn_knopp" and self.queue_size:
+            return self._queued_sinkhorn_probs(teacher_logits, teacher_temp, n_valid)
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(
                 teacher_logits, teacher_temp, self.sinkhorn_iterations, n_valid, self.process_group,
                 impl=self.sinkhorn_impl,
             )
         return softmax_centered_probs(teacher_logits, self.center, teacher_temp, n_valid)
+
+    def _queued_sinkhorn_probs(self, teacher_logits: torch.Tensor, teacher_temp: float, n_valid: int) -> torch.Tensor:
+        """This step's valid rows balanced together with the queued ones; only this step's targets come back."""
+        queued = self.queue[: int(self.queue_rows)]
+        rows = torch.cat([teacher_logits[:n_valid].float(), queued])
+        probs = sinkhorn_knopp(rows, teacher_temp, self.sinkhorn_iterations, None, self.process_group,
+                               impl=self.sinkhorn_impl)
+        out = torch.zeros(teacher_logits.shape, dtype=torch.float32, device=teacher_logits.device)
+        out[:n_valid] = probs[:n_valid]
+        return out
+
+    @torch.no_grad()
+    def update_queue(self, teacher_logits: torch.Tensor, n_valid: int | None = None) -> None:
+        """Sinkhorn-Knopp queue only: push this step's valid teacher scores (call after `teacher_probs`, like
+        `update_center`); the oldest rows drop out."""
+        owner = type(self).__name__
+        if not self.queue_size:
+            raise ValueError(f"{owner}: update_queue needs queue_size > 0")
+        n_valid = _valid_rows(owner, teacher_logits, n_valid)
+        merged = torch.cat([teacher_logits[:n_valid].float(), self.queue])[: self.queue_size]
+        self.queue.copy_(merged)
+        self.queue_rows.fill_(min(self.queue_size, int(self.queue_rows) + n_valid))
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor, n_valid: int | None = None) -> None:
@@ -173,6 +209,20 @@ class DINOLossOutput(NamedTuple):
     local_loss: torch.Tensor  # mean over (student local, teacher global) pairs, for logging
 
 
+def crop_pair_mean(pair_terms: torch.Tensor, n_global_crops: int, local_weight: float = 1.0) -> DINOLossOutput:
+    """The objective's mean over crop pairs of `pair_terms` [student crops, teacher crops] (global crops first):
+    every student global crop against each other teacher global crop, every local crop against each teacher
+    global crop, the local terms scaled by local_weight; and the unweighted global and local means."""
+    other_crop = ~torch.eye(n_global_crops, dtype=torch.bool, device=pair_terms.device)
+    global_terms = pair_terms[:n_global_crops][other_crop]
+    local_terms = pair_terms[n_global_crops:].flatten()
+    n_terms = global_terms.numel() + local_terms.numel()
+    loss = (global_terms.sum() + local_weight * local_terms.sum()) / n_terms
+    global_loss = global_terms.mean() if global_terms.numel() else pair_terms.new_zeros(())
+    local_loss = local_terms.mean() if local_terms.numel() else pair_terms.new_zeros(())
+    return DINOLossOutput(loss, global_loss, local_loss)
+
+
 class DINOLoss(SelfDistillationLoss):
     """Class-token DINO loss over the multi-crop pairs (see the module docstring for the definition).
 
@@ -197,15 +247,7 @@ class DINOLoss(SelfDistillationLoss):
         # terms: kept in float32 even when the caller runs under autocast.
         with torch.autocast(device_type=log_probs.device.type, enabled=False):
             ce = -torch.einsum("sbk,tbk->st", log_probs, targets) / n_images
-
-        other_crop = ~torch.eye(n_global_crops, dtype=torch.bool, device=ce.device)
-        global_terms = ce[:n_global_crops][other_crop]
-        local_terms = ce[n_global_crops:].flatten()
-        n_terms = global_terms.numel() + local_terms.numel()
-        loss = (global_terms.sum() + local_weight * local_terms.sum()) / n_terms
-        global_loss = global_terms.mean() if global_terms.numel() else ce.new_zeros(())
-        local_loss = local_terms.mean() if local_terms.numel() else ce.new_zeros(())
-        return DINOLossOutput(loss, global_loss, local_loss)
+        return crop_pair_mean(ce, n_global_crops, local_weight)
 
     def _check(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, n_global_crops: int) -> tuple[int, int]:
         """Validate shapes; return (number of student crops, images per crop)."""

@@ -33,6 +33,8 @@ class DINOHead(nn.Module):
     last layer with its norm fixed at 1) instead of the raw DINOv3 Linear. The raw layer's scores start with a
     spread of about 0.02 (its init std), which a teacher temperature of 0.04 turns into nearly uniform targets
     until the prototypes grow; cosine scores start about sqrt(bottleneck_dim) times wider.
+    embeddings_only: forward gives the normalized embedding [..., bottleneck_dim] and leaves the prototype layer
+    unused (the coding-rate objective, losses/coding_rate.py); it stays in the state so checkpoints keep one layout.
     Input: tokens [..., in_dim] (typically [N, in_dim]); output: prototype scores [..., out_dim].
     """
 
@@ -44,6 +46,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         normalize_prototypes: bool = False,
+        embeddings_only: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
@@ -59,6 +62,7 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
         self.normalize_prototypes = normalize_prototypes
+        self.embeddings_only = embeddings_only
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -82,10 +86,13 @@ class DINOHead(nn.Module):
                 f"DINOHead: tokens have width {tokens.shape[-1]} but the head was built with "
                 f"in_dim={self.mlp[0].in_features}; pass [N, in_dim] class or patch tokens of the backbone"
             )
+        if self.embeddings_only:
+            return self.bottleneck(tokens)
         if self.normalize_prototypes:
             return F.linear(self.bottleneck(tokens), F.normalize(self.last_layer.weight, dim=1))
         return self.last_layer(self.bottleneck(tokens))
 
     def extra_repr(self) -> str:
-        return "normalize_prototypes=True" if self.normalize_prototypes else ""
+        flags = [name for name in ("normalize_prototypes", "embeddings_only") if getattr(self, name)]
+        return ", ".join(f"{name}=True" for name in flags)
 

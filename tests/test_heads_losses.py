@@ -209,6 +209,39 @@ def test_sinkhorn_centering_is_the_kernel():
             loss_fn.teacher_probs(logits, teacher_temp=0.0)
 
 
+def test_sinkhorn_queue_balances_this_step_with_the_queued_rows():
+    """--loss.sinkhorn-queue: this step's targets are the first rows of Sinkhorn-Knopp over [this step; queue],
+    newest rows first, the queue fills then drops its oldest rows, and it is saved with the module's state."""
+    generator = torch.Generator().manual_seed(5)
+    steps = [torch.randn(n, 24, generator=generator).double() * 3 for n in (6, 5, 7)]
+    loss_fn = DINOLoss(24, queue_size=9, sinkhorn_impl="reference")
+    seen = []
+    for step, logits in enumerate(steps):
+        padded = torch.cat([logits.float(), torch.full((2, 24), 1e4)])  # padding rows must not enter the queue
+        probs = loss_fn.teacher_probs(padded, teacher_temp=0.05, n_valid=len(logits))
+        queued = torch.cat(seen[::-1])[:9] if seen else logits[:0]
+        expected = sinkhorn_knopp_reference(torch.cat([logits, queued]), 0.05, 3)[: len(logits)]
+        assert rel_err(probs[: len(logits)], expected) < 1e-5, step
+        assert torch.count_nonzero(probs[len(logits):]) == 0
+        loss_fn.update_queue(padded, n_valid=len(logits))
+        seen.append(logits)
+        assert int(loss_fn.queue_rows) == min(9, sum(len(s) for s in seen))
+    # Newest first: the last step's 7 rows, then the first 2 of the step before; the first step's rows are gone.
+    assert rel_err(loss_fn.queue, torch.cat([steps[2], steps[1][:2]])) < 1e-6
+    # A queue changes the targets: without it the same logits give other (less sharp) rows.
+    alone = DINOLoss(24, sinkhorn_impl="reference").teacher_probs(steps[2].float(), 0.05)
+    assert rel_err(loss_fn.teacher_probs(steps[2].float(), 0.05), alone) > 1e-2
+    restored = DINOLoss(24, queue_size=9)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert torch.equal(restored.queue, loss_fn.queue) and int(restored.queue_rows) == 9
+    with pytest.raises(ValueError, match="queue_size"):
+        DINOLoss(24, queue_size=-1)
+    with pytest.raises(ValueError, match="sinkhorn_knopp"):
+        DINOLoss(24, queue_size=8, centering="softmax")
+    with pytest.raises(ValueError, match="queue_size > 0"):
+        DINOLoss(24).update_queue(steps[0].float())
+
+
 @pytest.mark.parametrize("loss_class", [DINOLoss, IBOTLoss])
 def test_softmax_centering_with_ema_center(loss_class):
     generator = torch.Generator().manual_seed(4)

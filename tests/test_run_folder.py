@@ -159,6 +159,8 @@ CASES = [
     ("train", ["--run.checkpoint-every", "-1"], "run.checkpoint_every=-1 must be >= 0"),
     ("train", ["--run.log-every", "0"], "run.log_every=0 must be >= 1"),
     ("train", ["--data.batch-size", "0"], "data.batch_size=0 must be at least 1"),
+    ("train", ["--loss.sinkhorn-queue", "-2"], "loss.sinkhorn_queue=-2 must be >= 0"),
+    ("train", ["--loss.sinkhorn-queue", "64", "--loss.centering", "softmax"], "loss.sinkhorn_queue needs"),
     *([("train", ["--run.device", "cuda"], "run.device='cuda' but no CUDA device is visible")]
       if not torch.cuda.is_available() else []),
     ("train", ["--data.batch-size", "-3"], "data.batch_size=-3 must be at least 1"),

@@ -54,3 +54,13 @@ def test_controls_run_with_the_same_options_and_are_compared(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "targets: working >= koleo-only + 5 points:" in out and "DINO term <= 0.9 ln K:" in out
     assert rows[2]["health"] in out
+
+
+def test_coding_rate_runs_report_their_alignment_and_koleo_only_zeroes_the_rate(tmp_path, capsys):
+    overrides = [*TOY, "--loss.objective", "coding_rate"]
+    rows = run("demo", steps=2, eval_every=2, out=tmp_path / "out", overrides=overrides, controls=("koleo-only",))
+    config = (tmp_path / "out" / "train-koleo-only" / "config.json").read_text()
+    assert '"coding_rate_weight": 0.0' in config and '"objective": "coding_rate"' in config
+    assert all("dino_over_ln_k" not in r and 0 <= r["alignment"] <= 2 for r in rows[2:])
+    out = capsys.readouterr().out
+    assert "class alignment" in out and "DINO term <= 0.9 ln K" not in out

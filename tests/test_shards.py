@@ -118,3 +118,17 @@ def test_train_runs_on_shards_and_checkpoints_the_shard_position(shards, tmp_pat
     assert train.train(more)["step"] == 5
     resumed = torch.load(tmp_path / "checkpoint_00000005.pth", weights_only=True)
     assert resumed["stats"]["resume_shard"] == 1  # restarted at shard 1: 4 more images, shard 1 not finished
+
+
+def test_a_sample_without_an_image_is_skipped_and_counted(shards, tmp_path):
+    import io
+    import shutil
+
+    shutil.copy(shards / "000000.tar", tmp_path / "000000.tar")  # images 0..4
+    with tarfile.open(tmp_path / "000000.tar", "a") as tar:
+        info = tarfile.TarInfo("999999999.txt")  # a sample of its own, with no image member
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"notes"))
+    batches = take(loader(str(tmp_path / "{000000..000000}.tar"), shuffle_buffer=1), 3)
+    assert [label for b in batches for label in b["labels"].tolist()] == [0, 1, 2, 3, 4, 0]  # then epoch 2
+    assert [int(b["n_skipped"]) for b in batches] == [0, 0, 1]  # counted with the next sample given

@@ -170,7 +170,7 @@ def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
     """Reading (+ decoding) the same PNG images from a folder and from tar shards, by the project's reader and by
     webdataset's (one process, interleaved passes)."""
     from data.datasets import ImageFolderDataset, concept_image
-    from data.shards import ShardImages, _members, decode_sample, write_shards
+    from data.shards import ShardImages, decode_sample, shard_samples, write_shards
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -187,10 +187,11 @@ def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
             return len(dataset)
 
         def shard_pass(read, decode: bool) -> int:
-            return sum(1 for url in shards.urls for sample in read(url) if (decode_sample(sample) if decode else sample))
+            return sum(1 for url in shards.urls for sample in read(url)
+                       if (decode_sample(sample) if decode else sample))
 
         passes = {"folder": folder_pass,
-                  "shards": lambda decode: shard_pass(lambda url: _members(url, lambda err: False), decode),
+                  "shards": lambda decode: shard_pass(lambda url: shard_samples(url, lambda err: False), decode),
                   "shards_webdataset": lambda decode: shard_pass(_webdataset_members, decode)}
         for decode in (False, True):
             best = dict.fromkeys(passes, 0.0)

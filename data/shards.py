@@ -26,6 +26,7 @@ worker) — with other augmentation draws, since positions go on from the resume
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -41,6 +42,7 @@ from PIL import Image
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule, MultiCropAugmentation, sample_rng
 from data.datasets import (
     IMAGE_EXTENSIONS,
+    SHARD_SAMPLE,
     UNREADABLE_IMAGE_ERRORS,
     ImageDataset,
     PathListDataset,
@@ -49,7 +51,7 @@ from data.datasets import (
     open_image,
 )
 from data.masking import MaskingCollate
-from data.tar_reader import DamagedTar, tar_members
+from data.tar_reader import DamagedTar, open_tar, tar_index, tar_members
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,13 @@ def shard_urls(pattern: str) -> list[str]:
     return urls
 
 
-def _members(url: str, on_error) -> Iterator[dict]:
+def shard_samples(url: str, on_error) -> Iterator[dict]:
     """Samples (dicts: '__key__', '__url__' and one entry per extension) of a shard: its files read by
     data/tar_reader.py, grouped by key by webdataset's `group_by_keys` (which reports a duplicate name to
     `on_error`, skipping the member when it returns True). Raises DamagedTar where the shard cannot be read on."""
     from webdataset.tariterators import group_by_keys
 
-    with open(url, "rb", buffering=1 << 20) as stream:  # headers are read 512 bytes at a time: buffer them
+    with open_tar(url) as stream:
         files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_members(stream)
                  if not META_FILE.match(name))
         # Samples are read in runs of READ_AHEAD rather than one between two decodes: measured 2-4 % more images/s
@@ -101,16 +103,66 @@ def _members(url: str, on_error) -> Iterator[dict]:
         yield from ahead
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """(RGB image, label or -1) of a grouped tar sample; raises one of UNREADABLE_IMAGE_ERRORS if it has none."""
+def decode_sample(sample: dict, min_side: int | None = None) -> tuple[Image.Image, int]:
+    """(RGB image, label or -1) of a grouped tar sample; raises one of UNREADABLE_IMAGE_ERRORS if it has none.
+    `min_side` as open_image's (JPEGs reduced at decode time)."""
     for key in sample:  # group_by_keys lower-cases the extensions
         if key in IMAGE_KEYS:
             break
     else:
         raise ValueError(f"sample {sample.get('__key__')!r} has no image member (extensions: {sorted(sample)})")
-    image = open_image(io.BytesIO(sample[key]))
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return image, label
+    return open_image(io.BytesIO(sample[key]), min_side), sample_label(sample)
+
+
+def sample_label(sample: dict) -> int:
+    """The integer in a sample's .cls member; -1 when it has none (or not an integer: a label is never a reason to
+    drop an image)."""
+    try:
+        return int(sample["cls"]) if "cls" in sample else -1
+    except ValueError:
+        return -1
+
+
+def sample_entry(url: str | Path, key: str) -> str:
+    """How a file list names sample `key` of shard `url`: '<absolute shard path>#<key>' (data/datasets.py reads
+    such lines like image paths, through `read_sample`)."""
+    return f"{Path(url).resolve()}#{key}"
+
+
+@functools.lru_cache(maxsize=256)
+def _image_members(shard: str) -> dict[str, tuple[int, int, str]]:
+    """{sample key: (offset, size, extension) of its first image member} of a shard, from its headers alone; a
+    damaged shard lists the samples before the damage. Cached: a worker reads many samples of a shard."""
+    from webdataset.tariterators import base_plus_ext
+
+    with open_tar(shard) as stream:
+        index, damage = tar_index(stream)
+    if damage is not None:
+        logger.warning(f"shard {shard}: {damage}; its samples after that point cannot be read")
+    members: dict[str, tuple[int, int, str]] = {}
+    for name, (offset, size) in index.items():
+        key, extension = base_plus_ext(name)
+        if key is not None and extension.lower() in IMAGE_KEYS and key not in members:
+            members[key] = (offset, size, extension.lower())
+    return members
+
+
+def read_sample(entry: str) -> tuple[bytes, str]:
+    """(image file bytes, extension) of a '<shard>#<key>' entry; raises FileNotFoundError when the shard has no
+    image for that key and EOFError when the shard ends inside it (both UNREADABLE_IMAGE_ERRORS: a loader skips
+    and counts the sample)."""
+    mark = SHARD_SAMPLE.search(entry)
+    shard, key = entry[:mark.end() - 1], entry[mark.end():]
+    found = _image_members(shard).get(key)
+    if found is None:
+        raise FileNotFoundError(f"{entry}: shard {shard} has no image member with key {key!r}")
+    offset, size, extension = found
+    with open_tar(shard) as stream:  # a compressed shard is decompressed up to the offset: slow, but it works
+        stream.seek(offset)
+        data = stream.read(size)
+    if len(data) < size:
+        raise EOFError(f"{entry}: the shard ends inside the image ({len(data)} of {size} bytes)")
+    return data, extension
 
 
 def stream_shard(seed: int, n_shards: int, index: int) -> int:
@@ -134,7 +186,7 @@ class ShardImages:
         images = []
         for url in self.urls:
             try:
-                for sample in _members(url, lambda err: True):
+                for sample in shard_samples(url, lambda err: True):
                     try:
                         images.append(decode_sample(sample))
                     except UNREADABLE_IMAGE_ERRORS:
@@ -185,7 +237,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
             gave = False
             try:
-                for sample in _members(url, skip_member):
+                for sample in shard_samples(url, skip_member):
                     gave = True
                     yield sample, index, damaged
                     damaged = 0
@@ -244,9 +296,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def write_shards(images: PathListDataset, folder: str | Path, per_shard: int = 1000,
                  prefix: str = "") -> list[Path]:
-    """The listed images' files, unchanged (no re-encoding), as `{prefix}{NNNNNN}.tar` shards of `per_shard`
-    samples (`{key}.{ext}` + `{key}.cls` when labeled); returns the shard paths. A shard is written to a temporary
-    name and renamed, so a finished shard is never rewritten by a resumed run."""
+    """The listed images' files (or '<shard>#<key>' samples), unchanged (no re-encoding), as `{prefix}{NNNNNN}.tar`
+    shards of `per_shard` samples (`{key}.{ext}` + `{key}.cls` when labeled); returns the shard paths. A shard is
+    written to a temporary name and renamed, so a finished shard is never rewritten by a resumed run."""
     import os
 
     from webdataset import TarWriter
@@ -263,7 +315,11 @@ def write_shards(images: PathListDataset, folder: str | Path, per_shard: int = 1
         with open(tmp, "wb") as stream, TarWriter(stream, encoder=False) as writer:
             for index in range(start, min(start + per_shard, len(images))):
                 file, label = images.samples[index]
-                sample = {"__key__": f"{index:09d}", Path(file).suffix.lower().lstrip("."): Path(file).read_bytes()}
+                if SHARD_SAMPLE.search(str(file)):  # a sample of another shard (curate.py's lists of a shard pool)
+                    data, extension = read_sample(str(file))
+                else:
+                    data, extension = Path(file).read_bytes(), Path(file).suffix.lower().lstrip(".")
+                sample = {"__key__": f"{index:09d}", extension: data}
                 if label >= 0:
                     sample["cls"] = str(label).encode()
                 writer.write(sample)

@@ -18,8 +18,12 @@ the next member; the archive ends with a zero block.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import lzma
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 BLOCK = 512
@@ -88,10 +92,53 @@ def _read(stream: BinaryIO, size: int, offset: int) -> bytes:
     return data
 
 
+COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))  # magic numbers
+
+
+@contextlib.contextmanager
+def open_tar(path: str | Path) -> Iterator[BinaryIO]:
+    """A tar file opened for reading, buffered (headers are read 512 bytes at a time), and decompressed when it is
+    gzip, bzip2 or xz (found by its magic number, as tarfile's "r|*" mode does: a shard may be a .tar.gz)."""
+    with open(path, "rb", buffering=1 << 20) as stream:
+        start = stream.peek(6)[:6]
+        for magic, module in COMPRESSIONS:
+            if start.startswith(magic):
+                with importlib.import_module(module).open(stream) as decompressed:
+                    yield decompressed
+                return
+        yield stream
+
+
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each regular file of the tar archive in `stream`, in archive order; links, folders and
     other entries are passed over. Raises DamagedTar where the archive cannot be read on (after the members before
     that point were yielded), including an empty file and one that ends without its end-of-archive block."""
+    for name, _, data in _walk(stream, read_data=True):
+        yield name, data
+
+
+def tar_index(stream: BinaryIO) -> tuple[dict[str, tuple[int, int]], DamagedTar | None]:
+    """{name: (byte offset of the content, size)} of the regular files of a seekable tar, found by reading the
+    headers only (contents are seeked over), and the DamagedTar that ended the scan early (None if none did): the
+    members before the damage stay usable. A duplicate name keeps its last member, as tar extraction does."""
+    index: dict[str, tuple[int, int]] = {}
+    try:
+        for name, offset, size in _walk(stream, read_data=False):
+            index[name] = (offset, size)
+    except DamagedTar as err:
+        return index, err
+    return index, None
+
+
+def _walk(stream: BinaryIO, read_data: bool) -> Iterator[tuple]:
+    """Per regular file: (name, content offset, content) when read_data, else (name, content offset, size)."""
+    try:
+        yield from _walk_headers(stream, read_data)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as err:  # a truncated or corrupt compressed shard
+        raise DamagedTar(f"{type(err).__name__}: {err}") from err
+
+
+def _walk_headers(stream: BinaryIO, read_data: bool) -> Iterator[tuple]:
     global_pax: dict[str, str] = {}
     pax: dict[str, str] = {}
     long_name: str | None = None
@@ -108,10 +155,15 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         size = _number(header[124:136])
         if "size" in pax and kind not in EXTENSION_TYPES:
             size = _pax_size(pax["size"], offset)
-        start, data = offset, _read(stream, size, offset + BLOCK)
-        if size % BLOCK:
-            _read(stream, BLOCK - size % BLOCK, offset + BLOCK + size)
-        offset += BLOCK + size + (-size % BLOCK)
+        start, padded = offset, size + (-size % BLOCK)
+        offset += BLOCK + padded
+        if not read_data and kind in REGULAR_TYPES:
+            stream.seek(padded, 1)  # a short file shows at the next header read
+            data = None
+        else:
+            data = _read(stream, size, start + BLOCK)
+            if padded > size:
+                _read(stream, padded - size, start + BLOCK + size)
         if kind == b"x":
             # Most pax headers hold only times (webdataset's: mtime): parse those that name a path or a size.
             used = b" path=" in data or b" size=" in data
@@ -137,5 +189,5 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
                     prefix = header[345:500].split(b"\0", 1)[0]
                     if prefix:
                         name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            yield name, data
+            yield (name, start + BLOCK, data) if read_data else (name, start + BLOCK, size)
         pax, long_name = dict(global_pax), None

@@ -148,3 +148,21 @@ def test_damaged_files_raise(damage):
     assert [next(members)[0] for _ in before] == before
     with pytest.raises(DamagedTar, match="empty file|not a tar header"):
         next(members)
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_compressed_tars_are_read_and_their_damage_detected(tmp_path, compression):
+    from data.tar_reader import open_tar
+
+    path = tmp_path / f"shard.tar.{compression}"
+    with tarfile.open(path, f"w:{compression}") as tar:
+        for name, data in FILES.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open_tar(path) as stream:
+        assert list(tar_members(stream)) == list(FILES.items())
+    cut = tmp_path / f"cut.tar.{compression}"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with open_tar(cut) as stream, pytest.raises(DamagedTar):
+        list(tar_members(stream))

@@ -51,7 +51,7 @@ from data.datasets import (
     open_image,
 )
 from data.masking import MaskingCollate
-from data.tar_reader import DamagedTar, open_tar, tar_index, tar_members
+from data.tar_reader import DECOMPRESSION_ERRORS, DamagedTar, open_tar, tar_index, tar_members
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,12 @@ def read_sample(entry: str) -> tuple[bytes, str]:
     if found is None:
         raise FileNotFoundError(f"{entry}: shard {shard} has no image member with key {key!r}")
     offset, size, extension = found
-    with open_tar(shard) as stream:  # a compressed shard is decompressed up to the offset: slow, but it works
-        stream.seek(offset)
-        data = stream.read(size)
+    try:
+        with open_tar(shard) as stream:  # a compressed shard is decompressed up to the offset: slow, but it works
+            stream.seek(offset)
+            data = stream.read(size)
+    except DECOMPRESSION_ERRORS as err:
+        raise EOFError(f"{entry}: the compressed shard is damaged before the image ({err})") from err
     if len(data) < size:
         raise EOFError(f"{entry}: the shard ends inside the image ({len(data)} of {size} bytes)")
     return data, extension

@@ -92,6 +92,8 @@ def _read(stream: BinaryIO, size: int, offset: int) -> bytes:
     return data
 
 
+# What reading a truncated or corrupt compressed tar raises (gzip's BadGzipFile and bz2's errors are OSErrors).
+DECOMPRESSION_ERRORS = (EOFError, zlib.error, lzma.LZMAError)
 COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))  # magic numbers
 
 
@@ -134,7 +136,7 @@ def _walk(stream: BinaryIO, read_data: bool) -> Iterator[tuple]:
     """Per regular file: (name, content offset, content) when read_data, else (name, content offset, size)."""
     try:
         yield from _walk_headers(stream, read_data)
-    except (EOFError, OSError, zlib.error, lzma.LZMAError) as err:  # a truncated or corrupt compressed shard
+    except (OSError, *DECOMPRESSION_ERRORS) as err:
         raise DamagedTar(f"{type(err).__name__}: {err}") from err
 
 

@@ -518,10 +518,7 @@ def load_embeddings(folder: Path) -> Embeddings:
     metas = sorted(folder.glob("chunk-*.json"))
     if not metas or not (folder / "items.txt").exists():
         raise CurationError(f"no embeddings in {folder}: run the embed step first (--steps embed)")
-    items = []
-    for line in (folder / "items.txt").read_text().splitlines():
-        path, label = line.rsplit(maxsplit=1)
-        items.append((path, int(label)))
+    items = _read_items(folder / "items.txt")
     expected = math.ceil(len(items) / max(json.loads(metas[0].read_text())["images"], 1))
     if len(metas) < expected:
         raise CurationError(f"{folder} holds {len(metas)} of {expected} embedding chunks: rerun the embed step to "
@@ -533,6 +530,7 @@ def load_embeddings(folder: Path) -> Embeddings:
 
 
 def _read_items(path: Path) -> list[tuple[str, int]]:
+    """(path or '<shard>#<key>', label) per line of an items file."""
     items = []
     for line in path.read_text().splitlines():
         entry, label = line.rsplit(maxsplit=1)

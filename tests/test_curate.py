@@ -150,7 +150,7 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path, finished):
 @pytest.fixture(scope="module")
 def shard_pool(tmp_path_factory) -> Path:
     """60 PNG images of 6 concepts (image i: concept i % 6) as 4 tar shards of 15; shard 1 gets a corrupt extra
-    sample, shard 3 is cut in half (a truncated tar)."""
+    sample, shard 2 a sample with no image (a text member), shard 3 is cut in half (a truncated tar)."""
     import io
     import tarfile
 
@@ -167,6 +167,10 @@ def shard_pool(tmp_path_factory) -> Path:
         info = tarfile.TarInfo("corrupt.png")
         info.size = 20
         tar.addfile(info, io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"garbage" + b"\0" * 5))
+    with tarfile.open(folder / "pool" / "000002.tar", "a") as tar:
+        info = tarfile.TarInfo("notes.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"notes"))
     cut = folder / "pool" / "000003.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     return folder
@@ -182,10 +186,12 @@ def test_a_shard_pool_is_embedded_curated_and_written_to_new_shards(shard_pool, 
                                  "--cluster.clusters", "6", "3", "--sample.target", "10",
                                  "--steps", "embed", "dedup", "cluster", "sample", "output", "shards"))
     chunks = [json.loads((tmp_path / "embed" / "pool" / f"chunk-{c:06d}.json").read_text()) for c in range(4)]
-    assert [c["images"] for c in chunks[:3]] == [15, 16, 15] and 0 < chunks[3]["images"] < 15
-    assert chunks[1]["skipped"][0].endswith("000001.tar#corrupt") and "damaged tar" in chunks[3]["skipped"][0]
+    assert [c["images"] for c in chunks[:3]] == [15, 16, 16] and 0 < chunks[3]["images"] < 15
+    assert chunks[1]["skipped"] == [str(shard_pool / "pool" / "000001.tar#corrupt")]
+    assert chunks[2]["skipped"] == [str(shard_pool / "pool" / "000002.tar#notes")]
+    assert len(chunks[3]["skipped"]) == 1 and "damaged tar" in chunks[3]["skipped"][0]
     assert [c["damage"] is None for c in chunks] == [True, True, True, False]
-    assert summary["embedded"] == 45 + chunks[3]["images"] and summary["unreadable_skipped"] == 2
+    assert summary["embedded"] == 45 + chunks[3]["images"] and summary["unreadable_skipped"] == 3
     # The curated list names shard samples; train.py's list reader opens them: the very image files of the pool.
     curated = FileListDataset(tmp_path / "output" / "curated.txt")
     assert len(curated) == summary["curated"] == 10

@@ -176,10 +176,12 @@ def shard_pool(tmp_path_factory) -> Path:
     return folder
 
 
-def test_a_shard_pool_is_embedded_curated_and_written_to_new_shards(shard_pool, tmp_path):
+def test_a_shard_pool_is_embedded_curated_trained_on_and_written_to_new_shards(shard_pool, tmp_path):
+    import train
     from data.augment import AugmentConfig, CropSizes
     from data.datasets import build_loader
     from data.shards import ShardImages, read_sample, sample_label, shard_samples
+    from tests.helpers import tiny_config
 
     pattern = str(shard_pool / "pool" / "{000000..000003}.tar")
     summary = curate.curate(tiny(tmp_path, "--pool", pattern, "--seeds", "None", "--dedup.threshold", "1.0",
@@ -202,6 +204,9 @@ def test_a_shard_pool_is_embedded_curated_and_written_to_new_shards(shard_pool, 
         assert label == int(key) % 6
     batch = next(iter(build_loader(curated, AugmentConfig(n_local_crops=1), CropSizes(32, 16), batch_size=2)))
     assert int(batch["n_skipped"].sum()) == 0 and len(batch["labels"]) == 2
+    run = tiny_config(tmp_path / "train", "--optim.iterations", "2", "--data.batch-size", "2", "--data.path",
+                      str(tmp_path / "output" / "curated.txt"))
+    assert train.train(run)["step"] == 2
     # The shards step turns the list into new shards: the same files and labels, in list order.
     new = ShardImages(str(tmp_path / "shards" / "{000000..000000}.tar"))
     samples = list(shard_samples(new.urls[0], lambda err: False))

@@ -157,3 +157,19 @@ def test_list_lines_naming_shard_samples_are_read_from_plain_and_compressed_shar
         images.load(2)
     with pytest.raises(FileNotFoundError):
         read_sample(sample_entry(shards / "000000.tar", "999999999"))
+
+
+def test_shards_as_a_mixture_part_are_read_by_random_access(shards, tmp_path):
+    import train
+    from tests.helpers import tiny_config
+
+    pattern = str(shards / "{000000..000007}.tar")
+    listed = ShardImages(pattern).as_list()
+    assert [label for _, label in listed.samples] == list(range(N_IMAGES))  # shard order, then archive order
+    image, label = listed.load(17)
+    assert label == 17 and image.tobytes() == concept_image(17, 17, 32, 0).convert("RGB").tobytes()
+    cfg = tiny_config(tmp_path, "--optim.iterations", "3", "--data.batch-size", "2", "--data.path", "None",
+                      "--data.parts", pattern, str(shards.parent / "list.txt"), "--data.ratios", "0.5", "0.5")
+    summary = train.train(cfg)
+    counts = summary["stats"]["part_counts"]
+    assert summary["step"] == 3 and sum(counts) == 6 and min(counts) > 0

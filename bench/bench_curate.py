@@ -1,5 +1,6 @@
 """Curation benchmarks: balance of a curated subset, the public code's five-rings toy example, k-means against
-scikit-learn, and the throughput of embed, of one Lloyd iteration and of retrieval (torch exact vs faiss).
+scikit-learn, and the throughput of embed, of one Lloyd iteration, of retrieval (torch exact vs faiss) and of reading
+the same images from files and from tar shards (the readers alone, and train.py's loaders).
 
     python -m bench.bench_curate                 # everything, printed; about 10 minutes on a 2-core CPU
     python -m bench.bench_curate --only rings lloyd
@@ -205,9 +206,43 @@ def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
                    "warm, 1 process, best of 7", **{f"{name}_images_per_s": value for name, value in best.items()})
 
 
+def bench_shard_loaders(images: int = 1000, per_shard: int = 250, workers: int = 1, batches: int = 20) -> None:
+    """train.py's two training loaders on the same PNG images, the same workers and augmentation (2 global crops of
+    64 px, 2 local of 32): the folder's (map-style, sampler) against the shards' (stream, shuffle buffer)."""
+    from data.augment import AugmentConfig, CropSizes
+    from data.datasets import ImageFolderDataset, build_loader, concept_image
+    from data.shards import ShardImages, build_shard_loader, write_shards
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "images").mkdir()
+        for i in range(images):
+            concept_image(i, i % 50, 64, 0).save(folder / "images" / f"{i:05d}.png")
+        dataset = ImageFolderDataset(folder / "images")
+        paths = write_shards(dataset, folder / "tars", per_shard)
+        shards = ShardImages(str(folder / "tars" / f"{{000000..{len(paths) - 1:06d}}}.tar"))
+        settings = dict(augment=AugmentConfig(n_local_crops=2), sizes=CropSizes(64, 32), batch_size=32,
+                        num_workers=workers)
+        loaders = {"folder": lambda: build_loader(dataset, **settings),
+                   "shards": lambda: build_shard_loader(shards, shuffle_buffer=100, **settings)}
+        best = dict.fromkeys(loaders, 0.0)
+        for _ in range(3):  # interleaved, best of 3
+            for name, make in loaders.items():
+                iterator = iter(make())
+                for _ in range(2):  # worker start-up and the first batches are not the steady state
+                    next(iterator)
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(iterator)
+                best[name] = max(best[name], batches * 32 / (time.perf_counter() - t0))
+                del iterator
+        report(f"training loaders: {images} PNG images (64 px), multi-crop 2x64 + 2x32 px, batch 32, {workers} "
+               "worker(s), best of 3", **{f"{name}_images_per_s": value for name, value in best.items()})
+
+
 BENCHES = {"balance": bench_balance, "rings": bench_rings, "sklearn": bench_kmeans_vs_sklearn,
            "lloyd": bench_lloyd, "embed": bench_embed, "retrieval": bench_retrieval,
-           "shards": bench_shards}
+           "shards": bench_shards, "shard_loaders": bench_shard_loaders}
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ class DataConfig:
     batch_size: int = 64  # per rank; global batch = batch_size x world size
     num_workers: int = 8
     shuffle_buffer: int = 1000  # tar shards: samples each data-loader worker shuffles among
-    # The data mixture (data/mixture.py), instead of `path`: several folders / lists, each sample's part drawn by
+    # The data mixture (data/mixture.py), instead of `path`: several folders / lists / shards, each sample's part by
     # `ratios` on heterogeneous steps; a step is homogeneous (all of it from `homogeneous_part`, an index into
     # `parts`) with probability `homogeneous_p`. The released recipe's form: ImageNet-1k homogeneous 10 % of the
     # steps, e.g. --data.parts curated.txt retrieved.txt in1k/train --data.ratios 0.8 0.2 0

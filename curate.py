@@ -9,7 +9,8 @@ its own outputs; the pool itself is never modified):
 - generate: (the `small` preset only) a long-tailed pool of generated images, concepts with Zipf frequencies;
 - embed:    a backbone's class token for every pool (and seed) image, in float16 chunks of `embed.chunk_size`
             images with their ids; rank r embeds chunks r, r + world size, ...; a finished chunk is not redone;
-            unreadable images are skipped and counted;
+            unreadable images are skipped and counted; a pool of tar shards ('pool/{000000..000999}.tar') is
+            embedded one shard per chunk, its images named '<shard>#<key>' in the lists written below;
 - dedup:    near-duplicates of the pool (cosine >= `dedup.threshold` to an earlier kept image) are dropped;
 - cluster:  hierarchical k-means with resampling on the kept embeddings (data/curation.py), distributed over the
             ranks, checkpointed every iteration of a level's main k-means and after each resampling step;
@@ -64,7 +65,16 @@ from data.datasets import (
     concept_image,
     zipf_counts,
 )
-from data.shards import write_shards
+from data.shards import (
+    ShardImages,
+    decode_sample,
+    is_shard_pattern,
+    sample_entry,
+    sample_label,
+    shard_samples,
+    write_shards,
+)
+from data.tar_reader import DamagedTar
 from dense import forward_tokens
 from models.vit import build_vit
 from probes import eval_pixels, load_eval_backbone
@@ -137,8 +147,10 @@ class ShardsConfig:
 
 @dataclass
 class CurateConfig:
-    pool: str = "pool"  # image folder or .txt list (relative paths: to the work dir for generated pools)
-    seeds: str | None = None  # seed images for retrieval (folder or .txt list); None: no retrieved part
+    # Image folder, .txt list or tar shards ('pool/{000000..000999}.tar'); a relative path that does not exist
+    # from the current folder is taken relative to the work dir (where `small` generates its pool).
+    pool: str = "pool"
+    seeds: str | None = None  # seed images for retrieval (folder, .txt list or shards); None: no retrieved part
     work_dir: str = "runs/curate"
     steps: tuple[Step, ...] = ("embed", "dedup", "cluster", "sample", "retrieve", "output")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -247,7 +259,8 @@ def read_images(path: Path) -> PathListDataset:
             return FileListDataset(path)
     except (FileNotFoundError, ValueError) as err:
         raise CurationError(str(err)) from None
-    raise CurationError(f"{str(path)!r} is neither an image folder nor a .txt image list: pass one of those")
+    raise CurationError(f"{str(path)!r} is neither an image folder nor a .txt image list: pass one of those, or tar "
+                        "shards as a brace pattern ('pool/{000000..000099}.tar')")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -379,15 +392,116 @@ def embed_images(images: PathListDataset, folder: Path, cfg: EmbedConfig, backbo
     runtime.barrier(dist_info)
 
 
+class _ShardEmbedParts(torch.utils.data.IterableDataset):
+    """A DataLoader worker's shards (worker w of n takes shards w, w + n, ... of the list), each as dicts of up to
+    `batch_size` samples: `chunk` (the shard's number), `pixels` [b, 3, size, size] (None when none was readable),
+    `rows` (the samples' numbers within the shard), `skipped` (entry, error) pairs; a shard's last dict also has
+    `entries` (every sample's '<shard>#<key>' and label, in shard order) and `damage` (what ended it early)."""
+
+    def __init__(self, shards: list[tuple[int, str]], size: int, batch_size: int) -> None:
+        self.shards, self.size, self.batch_size = shards, size, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for chunk, url in self.shards[worker::workers]:
+            entries, pixels, rows, skipped, damage = [], [], [], [], None
+
+            def part(last: bool) -> dict:
+                return {"chunk": chunk, "pixels": torch.stack(pixels) if pixels else None,
+                        "rows": torch.tensor(rows, dtype=torch.int64), "skipped": skipped,
+                        "entries": entries if last else None, "damage": damage}
+
+            def bad_member(err: Exception) -> bool:  # a duplicate member name: that member is skipped
+                skipped.append((f"{url} (a member)", f"{type(err).__name__}: {err}"))
+                return True
+
+            try:
+                for sample in shard_samples(url, bad_member):
+                    entry = sample_entry(url, sample["__key__"])
+                    try:
+                        image, label = decode_sample(sample, self.size)
+                        pixels.append(eval_pixels(image, self.size))
+                        rows.append(len(entries))
+                    except UNREADABLE_IMAGE_ERRORS as err:
+                        label = sample_label(sample)
+                        skipped.append((entry, f"{type(err).__name__}: {err}"))
+                    entries.append((entry, label))
+                    if len(pixels) == self.batch_size:
+                        yield part(last=False)
+                        pixels, rows, skipped = [], [], []
+            except (DamagedTar, OSError) as err:  # what the shard gave before is kept
+                damage = f"{type(err).__name__}: {err}"
+            yield part(last=True)
+
+
+def embed_shards(shards: ShardImages, folder: Path, cfg: EmbedConfig, backbone: torch.nn.Module,
+                 dist_info: runtime.Dist, name: str) -> None:
+    """Class tokens of every readable sample of tar shards: chunk c is shard c of the pattern's list (rank r embeds
+    shards r, r + world size, ...), written as for images (`embed_images`) plus chunk-NNNNNN.items.txt, the
+    shard's samples as '<shard>#<key> label' lines; a chunk's ids count samples within its shard."""
+    if dist_info.is_main:
+        write_atomic(folder / "shards.txt", "".join(f"{Path(url).resolve()}\n" for url in shards.urls))
+    mine = [(c, url) for c, url in enumerate(shards.urls)
+            if c % dist_info.world_size == dist_info.rank and not chunk_done(folder, c)]
+    loader = torch.utils.data.DataLoader(_ShardEmbedParts(mine, cfg.size, cfg.batch_size), batch_size=None,
+                                         num_workers=min(cfg.num_workers, len(mine)))
+    pending: dict[int, tuple[list, list, list]] = {}
+    start, done_images, done = time.perf_counter(), 0, 0
+    for part in loader:
+        features, ids, skipped = pending.setdefault(part["chunk"], ([], [], []))
+        if part["pixels"] is not None:
+            features.append(forward_tokens(backbone, part["pixels"])[0].half().cpu())
+            ids.append(part["rows"])
+        skipped += part["skipped"]
+        if part["entries"] is None:
+            continue
+        chunk, entries = part["chunk"], part["entries"]
+        del pending[chunk]
+        if part["damage"] is not None:
+            skipped.append((f"{shards.urls[chunk]} (a damaged tar: what follows its first {len(entries)} samples)",
+                            part["damage"]))
+        for entry, error in skipped:
+            logger.warning(f"embed: skipping unreadable {entry}: {error}")
+        save_npy(folder / f"chunk-{chunk:06d}.npy", torch.cat(features).numpy() if features
+                 else np.zeros((0, backbone.embed_dim), np.float16))
+        save_npy(folder / f"chunk-{chunk:06d}.ids.npy", torch.cat(ids).numpy() if ids else np.zeros(0, np.int64))
+        write_atomic(folder / f"chunk-{chunk:06d}.items.txt", "".join(f"{e} {label}\n" for e, label in entries))
+        write_atomic(folder / f"chunk-{chunk:06d}.json", json.dumps(
+            {"images": len(entries), "embedded": sum(len(i) for i in ids), "skipped": [e for e, _ in skipped],
+             "damage": part["damage"]}))
+        done, done_images = done + 1, done_images + len(entries)
+        elapsed = time.perf_counter() - start
+        logger.info(f"embed {name}: rank {dist_info.rank} shard {done}/{len(mine)}, {done_images / elapsed:.1f} "
+                    f"images/s, ETA {runtime.Progress.format_seconds(elapsed / done * (len(mine) - done))}")
+    runtime.barrier(dist_info)
+
+
+def read_pool(cfg: CurateConfig, path: str) -> PathListDataset | ShardImages:
+    """A pool or seed set: tar shards (a brace pattern; relative ones as `resolve` takes paths), an image folder or
+    a .txt list."""
+    if not is_shard_pattern(path):
+        return read_images(resolve(cfg, path))
+    from braceexpand import braceexpand
+
+    if not (Path(path).is_absolute() or Path(next(iter(braceexpand(path)))).exists()):
+        path = str(work(cfg) / path)
+    try:
+        return ShardImages(path)
+    except FileNotFoundError as err:
+        raise CurationError(str(err)) from None
+
+
 def run_embed(cfg: CurateConfig, dist_info: runtime.Dist) -> None:
-    sets = [("pool", resolve(cfg, cfg.pool))] + ([("seeds", resolve(cfg, cfg.seeds))] if cfg.seeds else [])
-    lists = [(name, read_images(path)) for name, path in sets]  # a missing pool fails before the model loads
+    sets = [("pool", cfg.pool)] + ([("seeds", cfg.seeds)] if cfg.seeds else [])
+    pools = [(name, read_pool(cfg, path)) for name, path in sets]  # a missing pool fails before the model loads
     backbone = load_embed_backbone(cfg.embed.checkpoint, dist_info.device)
     if cfg.embed.size % backbone.patch_size:
         raise CurationError(f"embed.size={cfg.embed.size} is not a multiple of the backbone's {backbone.patch_size} "
                             "px patch")
-    for name, images in lists:
-        embed_images(images, work(cfg) / "embed" / name, cfg.embed, backbone, dist_info, name)
+    for name, images in pools:
+        embed = embed_shards if isinstance(images, ShardImages) else embed_images
+        embed(images, work(cfg) / "embed" / name, cfg.embed, backbone, dist_info, name)
 
 
 @dataclass
@@ -399,13 +513,12 @@ class Embeddings:
 
 
 def load_embeddings(folder: Path) -> Embeddings:
+    if (folder / "shards.txt").exists():
+        return _load_shard_embeddings(folder)
     metas = sorted(folder.glob("chunk-*.json"))
     if not metas or not (folder / "items.txt").exists():
         raise CurationError(f"no embeddings in {folder}: run the embed step first (--steps embed)")
-    items = []
-    for line in (folder / "items.txt").read_text().splitlines():
-        path, label = line.rsplit(maxsplit=1)
-        items.append((path, int(label)))
+    items = _read_items(folder / "items.txt")
     expected = math.ceil(len(items) / max(json.loads(metas[0].read_text())["images"], 1))
     if len(metas) < expected:
         raise CurationError(f"{folder} holds {len(metas)} of {expected} embedding chunks: rerun the embed step to "
@@ -413,6 +526,34 @@ def load_embeddings(folder: Path) -> Embeddings:
     features = [np.load(m.with_name(m.name.replace(".json", ".npy"))) for m in metas]
     ids = [np.load(m.with_name(m.name.replace(".json", ".ids.npy"))) for m in metas]
     skipped = [name for m in metas for name in json.loads(m.read_text())["skipped"]]
+    return Embeddings(torch.from_numpy(np.concatenate(features)).float(), np.concatenate(ids), items, skipped)
+
+
+def _read_items(path: Path) -> list[tuple[str, int]]:
+    """(path or '<shard>#<key>', label) per line of an items file."""
+    items = []
+    for line in path.read_text().splitlines():
+        entry, label = line.rsplit(maxsplit=1)
+        items.append((entry, int(label)))
+    return items
+
+
+def _load_shard_embeddings(folder: Path) -> Embeddings:
+    """A shard pool's embeddings: the chunks (one per shard) in shard order, their sample numbers made positions
+    in the concatenated items."""
+    n_shards = len((folder / "shards.txt").read_text().splitlines())
+    metas = [folder / f"chunk-{c:06d}.json" for c in range(n_shards)]
+    missing = sum(not m.exists() for m in metas)
+    if missing:
+        raise CurationError(f"{folder} holds {n_shards - missing} of {n_shards} shards' embeddings: rerun the embed "
+                            "step to finish it")
+    features, ids, items, skipped = [], [], [], []
+    for m in metas:
+        stem = m.with_suffix("")
+        features.append(np.load(f"{stem}.npy"))
+        ids.append(np.load(f"{stem}.ids.npy") + len(items))
+        items += _read_items(Path(f"{stem}.items.txt"))
+        skipped += json.loads(m.read_text())["skipped"]
     return Embeddings(torch.from_numpy(np.concatenate(features)).float(), np.concatenate(ids), items, skipped)
 
 

@@ -848,12 +848,12 @@ def crop_size_schedule(cfg: TrainConfig) -> CropSizeSchedule:
 
 
 def build_train_dataset(cfg: TrainConfig) -> ImageDataset | ShardImages:
-    """The dataset of data.path, or the mixture of data.parts (folders and lists; data/mixture.py)."""
+    """The dataset of data.path, or the mixture of data.parts (folders, lists and shards; data/mixture.py). A part's
+    samples are drawn by index, so shards in a mixture are read by random access (ShardImages.as_list)."""
     if not cfg.data.parts:
         return build_dataset(cfg.data.path)
     parts = [build_dataset(path) for path in cfg.data.parts]
-    if any(isinstance(part, ShardImages) for part in parts):
-        raise ValueError("data.parts takes image folders and .txt lists; tar shards stream as one data.path")
+    parts = [part.as_list() if isinstance(part, ShardImages) else part for part in parts]
     return MixtureImages(parts, list(cfg.data.parts))
 
 

@@ -1,5 +1,6 @@
 """Curation benchmarks: balance of a curated subset, the public code's five-rings toy example, k-means against
-scikit-learn, and the throughput of embed, of one Lloyd iteration and of retrieval (torch exact vs faiss).
+scikit-learn, and the throughput of embed, of one Lloyd iteration, of retrieval (torch exact vs faiss) and of reading
+the same images from files and from tar shards (the readers alone, and train.py's loaders).
 
     python -m bench.bench_curate                 # everything, printed; about 10 minutes on a 2-core CPU
     python -m bench.bench_curate --only rings lloyd
@@ -158,10 +159,19 @@ def bench_retrieval(pool_size: int = 100_000, queries: int = 1000, dim: int = 38
            torch_s=results["torch_s"], faiss_s=results["faiss_s"], faiss_recall_vs_torch=float(recall))
 
 
+def _webdataset_members(url: str):
+    """The shard reader this project used before data/tar_reader.py: webdataset's tarfile-based iterator."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(url, "rb", buffering=1 << 20) as stream:
+        yield from group_by_keys({**member, "__url__": url} for member in tar_file_iterator(stream))
+
+
 def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
-    """Reading + decoding the same PNG images from a folder and from tar shards (one process)."""
-    from data.datasets import ImageFolderDataset, concept_image, open_image
-    from data.shards import ShardImages, _members, decode_sample, write_shards
+    """Reading (+ decoding) the same PNG images from a folder and from tar shards, by the project's reader and by
+    webdataset's (one process, interleaved passes)."""
+    from data.datasets import ImageFolderDataset, concept_image
+    from data.shards import ShardImages, decode_sample, shard_samples, write_shards
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -171,30 +181,68 @@ def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
         dataset = ImageFolderDataset(folder / "images")
         paths = write_shards(dataset, folder / "tars", per_shard)
         shards = ShardImages(str(folder / "tars" / f"{{000000..{len(paths) - 1:06d}}}.tar"))
-        def folder_pass(decode: bool) -> int:
-            for path, _ in dataset.samples:
-                open_image(path) if decode else path.read_bytes()
+
+        def folder_pass(decode: bool) -> int:  # what the folder loader does per image: dataset.load
+            for index, (path, _) in enumerate(dataset.samples):
+                dataset.load(index) if decode else path.read_bytes()
             return len(dataset)
 
-        def shard_pass(decode: bool) -> int:
-            return sum(1 for url in shards.urls for sample in _members(url, lambda err: False)
+        def shard_pass(read, decode: bool) -> int:
+            return sum(1 for url in shards.urls for sample in read(url)
                        if (decode_sample(sample) if decode else sample))
 
+        passes = {"folder": folder_pass,
+                  "shards": lambda decode: shard_pass(lambda url: shard_samples(url, lambda err: False), decode),
+                  "shards_webdataset": lambda decode: shard_pass(_webdataset_members, decode)}
         for decode in (False, True):
-            best = {"folder": 0.0, "shards": 0.0}
-            for _ in range(3):  # interleaved, best of 3: the page cache is warm for both after the first
-                for name, one_pass in (("folder", folder_pass), ("shards", shard_pass)):
+            best = dict.fromkeys(passes, 0.0)
+            for _ in range(7):  # interleaved, best of 7: the page cache is warm for all after the first
+                for name, one_pass in passes.items():
                     t0 = time.perf_counter()
                     n = one_pass(decode)
+                    assert n == images, f"{name} read {n} of {images} images"
                     best[name] = max(best[name], n / (time.perf_counter() - t0))
             report(f"reader: {images} PNG images (64 px), {'read + decoded' if decode else 'bytes read'}, page cache "
-                   "warm, 1 process, best of 3", folder_images_per_s=best["folder"],
-                   shard_images_per_s=best["shards"])
+                   "warm, 1 process, best of 7", **{f"{name}_images_per_s": value for name, value in best.items()})
+
+
+def bench_shard_loaders(images: int = 1000, per_shard: int = 250, workers: int = 1, batches: int = 20) -> None:
+    """train.py's two training loaders on the same PNG images, the same workers and augmentation (2 global crops of
+    64 px, 2 local of 32): the folder's (map-style, sampler) against the shards' (stream, shuffle buffer)."""
+    from data.augment import AugmentConfig, CropSizes
+    from data.datasets import ImageFolderDataset, build_loader, concept_image
+    from data.shards import ShardImages, build_shard_loader, write_shards
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "images").mkdir()
+        for i in range(images):
+            concept_image(i, i % 50, 64, 0).save(folder / "images" / f"{i:05d}.png")
+        dataset = ImageFolderDataset(folder / "images")
+        paths = write_shards(dataset, folder / "tars", per_shard)
+        shards = ShardImages(str(folder / "tars" / f"{{000000..{len(paths) - 1:06d}}}.tar"))
+        settings = dict(augment=AugmentConfig(n_local_crops=2), sizes=CropSizes(64, 32), batch_size=32,
+                        num_workers=workers)
+        loaders = {"folder": lambda: build_loader(dataset, **settings),
+                   "shards": lambda: build_shard_loader(shards, shuffle_buffer=100, **settings)}
+        best = dict.fromkeys(loaders, 0.0)
+        for _ in range(3):  # interleaved, best of 3
+            for name, make in loaders.items():
+                iterator = iter(make())
+                for _ in range(2):  # worker start-up and the first batches are not the steady state
+                    next(iterator)
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(iterator)
+                best[name] = max(best[name], batches * 32 / (time.perf_counter() - t0))
+                del iterator
+        report(f"training loaders: {images} PNG images (64 px), multi-crop 2x64 + 2x32 px, batch 32, {workers} "
+               "worker(s), best of 3", **{f"{name}_images_per_s": value for name, value in best.items()})
 
 
 BENCHES = {"balance": bench_balance, "rings": bench_rings, "sklearn": bench_kmeans_vs_sklearn,
            "lloyd": bench_lloyd, "embed": bench_embed, "retrieval": bench_retrieval,
-           "shards": bench_shards}
+           "shards": bench_shards, "shard_loaders": bench_shard_loaders}
 
 
 @pytest.mark.slow

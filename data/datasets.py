@@ -7,7 +7,8 @@ scale) as long as the shorter side stays >= min_side:
     ImageFolderDataset(root)     every image under root (recursive; .jpg .jpeg .png .bmp .webp .tif .tiff, any
                                  case), sorted; labels from first-level class sub-folders when all images sit in one
     FileListDataset(list_file)   one path per line, optionally followed by an integer label; relative paths are
-                                 relative to the list file; blank lines and lines starting with # are ignored
+                                 relative to the list file; blank lines and lines starting with # are ignored; a
+                                 path '<shard>.tar#<key>' is the image of sample <key> of a tar shard
     SampleImagesDataset()        the real photos bundled inside scikit-image and scikit-learn (nothing downloaded):
                                  the default dataset, so a run needs no data at all
     ProceduralDataset(n, ...)    generated images of 10 visually distinct pattern families (class = family), random
@@ -35,8 +36,10 @@ from __future__ import annotations
 
 import abc
 import importlib.util
+import io
 import logging
 import math
+import re
 import signal
 import struct
 import warnings
@@ -59,6 +62,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# A list line '<shard>.tar#<key>' names sample <key> of a tar shard (curate.py writes such lists for shard pools).
+SHARD_SAMPLE = re.compile(r"\.tar(?:\.(?:gz|bz2|xz))?#")
 
 
 class UnusableImageError(ValueError):
@@ -126,6 +131,10 @@ class PathListDataset(ImageDataset):
 
     def load(self, index: int, min_side: int | None = None) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
+        if SHARD_SAMPLE.search(str(path)):
+            from data.shards import read_sample  # it builds on this module
+
+            return open_image(io.BytesIO(read_sample(str(path))[0]), min_side), label
         return open_image(path, min_side), label
 
     def describe(self, index: int) -> str:

@@ -1,8 +1,9 @@
 """Sharded streaming input: WebDataset-style tar shards (`--data.path 'shards/{000000..000999}.tar'`).
 
 A shard is a tar file of samples: members sharing a key (the name up to the first dot) form one sample, e.g.
-`000042.jpg` (+ an optional `000042.cls` holding an integer label). They are read with the `webdataset` library's
-tar iterator and key grouping; `write_shards` writes them with its `TarWriter`.
+`000042.jpg` (+ an optional `000042.cls` holding an integer label). Their files are read by data/tar_reader.py (a
+lean header reader: on small images, the tarfile-based reader of the `webdataset` library spends most of the read
+time parsing headers) and grouped by key by webdataset's `group_by_keys`; `write_shards` writes with its `TarWriter`.
 
 The stream. The shard list is read in epochs, each a permutation of the shards drawn from (seed, epoch); shard
 stream index i is shard permutation_{i // n}[i % n]. Global data-loader worker g = rank * workers + worker (of G
@@ -25,6 +26,7 @@ worker) — with other augmentation draws, since positions go on from the resume
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -40,6 +42,7 @@ from PIL import Image
 from data.augment import AugmentConfig, CropSizes, CropSizeSchedule, MultiCropAugmentation, sample_rng
 from data.datasets import (
     IMAGE_EXTENSIONS,
+    SHARD_SAMPLE,
     UNREADABLE_IMAGE_ERRORS,
     ImageDataset,
     PathListDataset,
@@ -48,10 +51,14 @@ from data.datasets import (
     open_image,
 )
 from data.masking import MaskingCollate
+from data.tar_reader import DECOMPRESSION_ERRORS, DamagedTar, open_tar, tar_index, tar_members
 
 logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"\.tar($|\W)")
+READ_AHEAD = 32
+IMAGE_KEYS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
+META_FILE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (e.g. __index__), not samples
 
 
 def is_shard_pattern(path: str) -> bool:
@@ -72,23 +79,93 @@ def shard_urls(pattern: str) -> list[str]:
     return urls
 
 
-def _members(url: str, on_error) -> Iterator[dict]:
-    """Samples (dicts: '__key__' and one entry per extension) of a shard, via webdataset's tar reader."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def shard_samples(url: str, on_error) -> Iterator[dict]:
+    """Samples (dicts: '__key__', '__url__' and one entry per extension) of a shard: its files read by
+    data/tar_reader.py, grouped by key by webdataset's `group_by_keys` (which reports a duplicate name to
+    `on_error`, skipping the member when it returns True). Raises DamagedTar where the shard cannot be read on."""
+    from webdataset.tariterators import group_by_keys
 
-    with open(url, "rb", buffering=1 << 20) as stream:  # tar headers are read 512 bytes at a time
-        members = ({**member, "__url__": url} for member in tar_file_iterator(stream, handler=on_error))
-        yield from group_by_keys(members, handler=on_error)
+    with open_tar(url) as stream:
+        files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_members(stream)
+                 if not META_FILE.match(name))
+        # Samples are read in runs of READ_AHEAD rather than one between two decodes: measured 2-4 % more images/s
+        # with decoding (bench/bench_curate.py --only shards), at the cost of READ_AHEAD compressed images held.
+        ahead: list[dict] = []
+        try:
+            for sample in group_by_keys(files, handler=on_error):
+                ahead.append(sample)
+                if len(ahead) == READ_AHEAD:
+                    yield from ahead
+                    ahead = []
+        except DamagedTar:
+            yield from ahead  # what was read before the damage
+            raise
+        yield from ahead
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """(RGB image, label or -1) of a grouped tar sample; raises one of UNREADABLE_IMAGE_ERRORS if it has none."""
-    image_keys = [k for k in sample if "." + k.lower() in IMAGE_EXTENSIONS]
-    if not image_keys:
+def decode_sample(sample: dict, min_side: int | None = None) -> tuple[Image.Image, int]:
+    """(RGB image, label or -1) of a grouped tar sample; raises one of UNREADABLE_IMAGE_ERRORS if it has none.
+    `min_side` as open_image's (JPEGs reduced at decode time)."""
+    for key in sample:  # group_by_keys lower-cases the extensions
+        if key in IMAGE_KEYS:
+            break
+    else:
         raise ValueError(f"sample {sample.get('__key__')!r} has no image member (extensions: {sorted(sample)})")
-    image = open_image(io.BytesIO(sample[image_keys[0]]))
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return image, label
+    return open_image(io.BytesIO(sample[key]), min_side), sample_label(sample)
+
+
+def sample_label(sample: dict) -> int:
+    """The integer in a sample's .cls member; -1 when it has none (or not an integer: a label is never a reason to
+    drop an image)."""
+    try:
+        return int(sample["cls"]) if "cls" in sample else -1
+    except ValueError:
+        return -1
+
+
+def sample_entry(url: str | Path, key: str) -> str:
+    """How a file list names sample `key` of shard `url`: '<absolute shard path>#<key>' (data/datasets.py reads
+    such lines like image paths, through `read_sample`)."""
+    return f"{Path(url).resolve()}#{key}"
+
+
+@functools.lru_cache(maxsize=256)
+def _image_members(shard: str) -> dict[str, tuple[int, int, str]]:
+    """{sample key: (offset, size, extension) of its first image member} of a shard, from its headers alone; a
+    damaged shard lists the samples before the damage. Cached: a worker reads many samples of a shard."""
+    from webdataset.tariterators import base_plus_ext
+
+    with open_tar(shard) as stream:
+        index, damage = tar_index(stream)
+    if damage is not None:
+        logger.warning(f"shard {shard}: {damage}; its samples after that point cannot be read")
+    members: dict[str, tuple[int, int, str]] = {}
+    for name, (offset, size) in index.items():
+        key, extension = base_plus_ext(name)
+        if key is not None and extension.lower() in IMAGE_KEYS and key not in members:
+            members[key] = (offset, size, extension.lower())
+    return members
+
+
+def read_sample(entry: str) -> tuple[bytes, str]:
+    """(image file bytes, extension) of a '<shard>#<key>' entry; raises FileNotFoundError when the shard has no
+    image for that key and EOFError when the shard ends inside it (both UNREADABLE_IMAGE_ERRORS: a loader skips
+    and counts the sample)."""
+    mark = SHARD_SAMPLE.search(entry)
+    shard, key = entry[:mark.end() - 1], entry[mark.end():]
+    found = _image_members(shard).get(key)
+    if found is None:
+        raise FileNotFoundError(f"{entry}: shard {shard} has no image member with key {key!r}")
+    offset, size, extension = found
+    try:
+        with open_tar(shard) as stream:  # a compressed shard is decompressed up to the offset: slow, but it works
+            stream.seek(offset)
+            data = stream.read(size)
+    except DECOMPRESSION_ERRORS as err:
+        raise EOFError(f"{entry}: the compressed shard is damaged before the image ({err})") from err
+    if len(data) < size:
+        raise EOFError(f"{entry}: the shard ends inside the image ({len(data)} of {size} bytes)")
+    return data, extension
 
 
 def stream_shard(seed: int, n_shards: int, index: int) -> int:
@@ -108,16 +185,40 @@ class ShardImages:
     def __len__(self) -> int:
         return len(self.urls)
 
+    def as_list(self) -> PathListDataset:
+        """Every sample with an image as a '<shard>#<key>' list entry (labels from the .cls members), in shard and
+        archive order: random access, for what needs it (a mixture part), at the cost of one scan of each shard's
+        headers here and one seek per image read."""
+        from webdataset.tariterators import base_plus_ext
+
+        samples = []
+        for url in self.urls:
+            with open_tar(url) as stream:
+                index, damage = tar_index(stream)
+                labels = {}
+                for name, (offset, size) in index.items():
+                    key, extension = base_plus_ext(name)
+                    if key is not None and extension.lower() == "cls":
+                        stream.seek(offset)
+                        labels[key] = sample_label({"cls": stream.read(size)})
+            if damage is not None:
+                logger.warning(f"shard {url}: {damage}; its samples after that point are left out")
+            samples += [(Path(sample_entry(url, key)), labels.get(key, -1)) for key in _image_members(url)]
+        return PathListDataset(samples, f"the tar shards {self.pattern!r}")
+
     def preview(self, n: int = 4) -> ImageDataset:
         images = []
         for url in self.urls:
-            for sample in _members(url, lambda err: True):
-                try:
-                    images.append(decode_sample(sample))
-                except UNREADABLE_IMAGE_ERRORS:
-                    continue
-                if len(images) == n:
-                    return _InMemoryImages(images)
+            try:
+                for sample in shard_samples(url, lambda err: True):
+                    try:
+                        images.append(decode_sample(sample))
+                    except UNREADABLE_IMAGE_ERRORS:
+                        continue
+                    if len(images) == n:
+                        return _InMemoryImages(images)
+            except (DamagedTar, OSError):  # the next shard may be whole
+                continue
         if not images:
             raise ValueError(f"no readable image in the shards {self.pattern!r}: check that they hold images")
         return _InMemoryImages(images)
@@ -154,17 +255,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             url = self.urls[stream_shard(self.seed, len(self.urls), index)]
             errors: list[Exception] = []
 
-            def on_error(err: Exception) -> bool:
+            def skip_member(err: Exception) -> bool:
                 errors.append(err)
-                return not _is_truncation(err)  # a bad member is skipped; a damaged tar ends the shard
+                return True
 
             gave = False
             try:
-                for sample in _members(url, on_error):
+                for sample in shard_samples(url, skip_member):
                     gave = True
                     yield sample, index, damaged
                     damaged = 0
-            except Exception as err:  # the shard's end is unreadable: what it gave is kept
+            except (DamagedTar, OSError) as err:  # the shard cannot be read (on): what it gave is kept
                 errors.append(err)
             if errors:
                 damaged += len(errors)
@@ -217,18 +318,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             skipped = 0
 
 
-def _is_truncation(err: Exception) -> bool:
-    """A damaged tar stream (as opposed to one bad member): reading the shard further is pointless."""
-    import tarfile
-
-    return isinstance(err, (tarfile.ReadError, EOFError))
-
-
 def write_shards(images: PathListDataset, folder: str | Path, per_shard: int = 1000,
                  prefix: str = "") -> list[Path]:
-    """The listed images' files, unchanged (no re-encoding), as `{prefix}{NNNNNN}.tar` shards of `per_shard`
-    samples (`{key}.{ext}` + `{key}.cls` when labeled); returns the shard paths. A shard is written to a temporary
-    name and renamed, so a finished shard is never rewritten by a resumed run."""
+    """The listed images' files (or '<shard>#<key>' samples), unchanged (no re-encoding), as `{prefix}{NNNNNN}.tar`
+    shards of `per_shard` samples (`{key}.{ext}` + `{key}.cls` when labeled); returns the shard paths. A shard is
+    written to a temporary name and renamed, so a finished shard is never rewritten by a resumed run."""
     import os
 
     from webdataset import TarWriter
@@ -245,7 +339,11 @@ def write_shards(images: PathListDataset, folder: str | Path, per_shard: int = 1
         with open(tmp, "wb") as stream, TarWriter(stream, encoder=False) as writer:
             for index in range(start, min(start + per_shard, len(images))):
                 file, label = images.samples[index]
-                sample = {"__key__": f"{index:09d}", Path(file).suffix.lower().lstrip("."): Path(file).read_bytes()}
+                if SHARD_SAMPLE.search(str(file)):  # a sample of another shard (curate.py's lists of a shard pool)
+                    data, extension = read_sample(str(file))
+                else:
+                    data, extension = Path(file).read_bytes(), Path(file).suffix.lower().lstrip(".")
+                sample = {"__key__": f"{index:09d}", extension: data}
                 if label >= 0:
                     sample["cls"] = str(label).encode()
                 writer.write(sample)

@@ -145,3 +145,102 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path, finished):
         two = torch.load(tmp_path / "cluster" / f"level{t}.pt", weights_only=True)
         assert (one["centroids"] - two["centroids"]).abs().max() <= 1e-5
     assert np.array_equal(np.load(tmp_path / "sample" / "rows.npy"), np.load(finished / "sample" / "rows.npy"))
+
+
+@pytest.fixture(scope="module")
+def shard_pool(tmp_path_factory) -> Path:
+    """60 PNG images of 6 concepts (image i: concept i % 6) as 4 tar shards of 15; shard 1 gets a corrupt extra
+    sample, shard 2 a sample with no image (a text member), shard 3 is cut in half (a truncated tar)."""
+    import io
+    import tarfile
+
+    from data.datasets import concept_image
+    from data.shards import write_shards
+
+    folder = tmp_path_factory.mktemp("shard-pool")
+    (folder / "images").mkdir()
+    for i in range(60):
+        concept_image(i, i % 6, 32, 0).save(folder / "images" / f"{i:03d}.png")
+    (folder / "images" / "list.txt").write_text("".join(f"{i:03d}.png {i % 6}\n" for i in range(60)))
+    write_shards(FileListDataset(folder / "images" / "list.txt"), folder / "pool", 15)
+    with tarfile.open(folder / "pool" / "000001.tar", "a") as tar:
+        info = tarfile.TarInfo("corrupt.png")
+        info.size = 20
+        tar.addfile(info, io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"garbage" + b"\0" * 5))
+    with tarfile.open(folder / "pool" / "000002.tar", "a") as tar:
+        info = tarfile.TarInfo("notes.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"notes"))
+    cut = folder / "pool" / "000003.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    return folder
+
+
+def test_a_shard_pool_is_embedded_curated_trained_on_and_written_to_new_shards(shard_pool, tmp_path):
+    import train
+    from data.augment import AugmentConfig, CropSizes
+    from data.datasets import build_loader
+    from data.shards import ShardImages, read_sample, sample_label, shard_samples
+    from tests.helpers import tiny_config
+
+    pattern = str(shard_pool / "pool" / "{000000..000003}.tar")
+    summary = curate.curate(tiny(tmp_path, "--pool", pattern, "--seeds", "None", "--dedup.threshold", "1.0",
+                                 "--cluster.clusters", "6", "3", "--sample.target", "10",
+                                 "--steps", "embed", "dedup", "cluster", "sample", "output", "shards"))
+    chunks = [json.loads((tmp_path / "embed" / "pool" / f"chunk-{c:06d}.json").read_text()) for c in range(4)]
+    assert [c["images"] for c in chunks[:3]] == [15, 16, 16] and 0 < chunks[3]["images"] < 15
+    assert chunks[1]["skipped"] == [str(shard_pool / "pool" / "000001.tar#corrupt")]
+    assert chunks[2]["skipped"] == [str(shard_pool / "pool" / "000002.tar#notes")]
+    assert len(chunks[3]["skipped"]) == 1 and "damaged tar" in chunks[3]["skipped"][0]
+    assert [c["damage"] is None for c in chunks] == [True, True, True, False]
+    assert summary["embedded"] == 45 + chunks[3]["images"] and summary["unreadable_skipped"] == 3
+    # The curated list names shard samples; train.py's list reader opens them: the very image files of the pool.
+    curated = FileListDataset(tmp_path / "output" / "curated.txt")
+    assert len(curated) == summary["curated"] == 10
+    for entry, label in curated.samples:
+        shard, key = str(entry).split("#")
+        assert Path(shard).is_absolute() and shard.endswith(".tar")
+        assert read_sample(str(entry))[0] == (shard_pool / "images" / f"{int(key):03d}.png").read_bytes()
+        assert label == int(key) % 6
+    batch = next(iter(build_loader(curated, AugmentConfig(n_local_crops=1), CropSizes(32, 16), batch_size=2)))
+    assert int(batch["n_skipped"].sum()) == 0 and len(batch["labels"]) == 2
+    run = tiny_config(tmp_path / "train", "--optim.iterations", "2", "--data.batch-size", "2", "--data.path",
+                      str(tmp_path / "output" / "curated.txt"))
+    assert train.train(run)["step"] == 2
+    # The shards step turns the list into new shards: the same files and labels, in list order.
+    new = ShardImages(str(tmp_path / "shards" / "{000000..000000}.tar"))
+    samples = list(shard_samples(new.urls[0], lambda err: False))
+    assert [s["png"] for s in samples] == [read_sample(str(entry))[0] for entry, _ in curated.samples]
+    assert [sample_label(s) for s in samples] == [label for _, label in curated.samples]
+
+
+def test_shard_embedding_is_split_over_ranks_and_resumes(shard_pool, tmp_path, monkeypatch):
+    import runtime
+
+    pattern = str(shard_pool / "pool" / "{000000..000003}.tar")
+    # One process with 2 data-loader workers (each its shards) against 2 ranks of none.
+    curate.curate(tiny(tmp_path / "one", "--pool", pattern, "--seeds", "None", "--steps", "embed",
+                       "--embed.num-workers", "2"))
+    one = curate.load_embeddings(tmp_path / "one" / "embed" / "pool")
+    monkeypatch.setattr(runtime, "barrier", lambda dist_info: None)  # two ranks, one after the other
+    two = tiny(tmp_path / "two", "--pool", pattern, "--seeds", "None")
+    backbone = curate.load_embed_backbone(two.embed.checkpoint, torch.device("cpu"))
+    folder = tmp_path / "two" / "embed" / "pool"
+    for rank in (1, 0):
+        dist_info = runtime.Dist(rank, 2, rank, torch.device("cpu"))
+        curate.embed_shards(curate.read_pool(two, pattern), folder, two.embed, backbone, dist_info, "pool")
+        if rank == 1:
+            assert sorted(p.name for p in folder.glob("chunk-*.json")) == ["chunk-000001.json", "chunk-000003.json"]
+    merged = curate.load_embeddings(folder)
+    assert torch.equal(merged.features, one.features) and np.array_equal(merged.ids, one.ids)
+    assert merged.items == one.items and merged.skipped == one.skipped
+    # Resume: a shard whose chunk is unfinished (no json) is embedded again, the others are kept.
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("chunk-*.npy")}
+    (folder / "chunk-000002.json").unlink()
+    curate.embed_shards(curate.read_pool(two, pattern), folder, two.embed, backbone,
+                        runtime.Dist(0, 1, 0, torch.device("cpu")), "pool")
+    assert {p.name for p in stamps if p.stat().st_mtime_ns != stamps[p]} == {"chunk-000002.npy",
+                                                                               "chunk-000002.ids.npy"}
+    with pytest.raises(CurationError, match="holds 3 of 4 shards' embeddings"):
+        (folder / "chunk-000000.json").unlink()
+        curate.load_embeddings(folder)

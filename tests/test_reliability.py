@@ -28,7 +28,7 @@ from PIL import Image
 import runtime
 import train
 from data.augment import AugmentConfig, CropSizes
-from data.datasets import ImageFolderDataset, build_loader
+from data.datasets import ImageFolderDataset, ProceduralDataset, build_loader
 from models.checkpoint import CheckpointError, load_backbone, read_checkpoint_file
 from tests.helpers import REPO, TINY_FLAGS, NaNGradient, procedural, process_env, tiny_config
 
@@ -471,11 +471,20 @@ def test_kill_9_at_random_moments_and_resume_ends_bitwise_as_an_uninterrupted_ru
     """Five kill -9: during start-up, at random moments after a new checkpoint, and twice as soon as a checkpoint
     temp file appears (mid-write). After each: every checkpoint file is complete. Then the run resumes to the end,
     and its weights and optimizer state equal the uninterrupted run's, bit for bit."""
-    rng = random.Random(9)
     out = tmp_path / "run"
     command = _train_command(out, *KILL_FLAGS, "--data.path", str(image_folder))
+    _kill_at(["start-up", "random", "mid-write", "random", "mid-write"], command, out, tmp_path, random.Random(9))
+    _run_to_completion(command, tmp_path / "final.log")
+    assert not list(out.glob("*.tmp"))
+    _assert_same_training_state(uninterrupted, _load(out / f"checkpoint_{KILL_STEPS:08d}.pth"))
+
+
+def _kill_at(moments: list[str], command: list[str], out: Path, tmp_path: Path, rng: random.Random) -> None:
+    """Starts `command` once per moment and kill -9s it then: during start-up, at a random moment after a new
+    checkpoint, or as soon as a checkpoint temp file appears (mid-write). After each: every checkpoint file is
+    complete and the run had resumed from the newest; at least one kill landed mid-write."""
     temp_files_left = 0
-    for attempt, moment in enumerate(["start-up", "random", "mid-write", "random", "mid-write"]):
+    for attempt, moment in enumerate(moments):
         log = tmp_path / f"attempt_{attempt}.log"
         before = _newest_step(out)
         process = _start(command, log)
@@ -495,9 +504,30 @@ def test_kill_9_at_random_moments_and_resume_ends_bitwise_as_an_uninterrupted_ru
             assert f"at step {before}" in log.read_text()  # "resumed from ... at step N": the newest checkpoint
         assert _newest_step(out) < KILL_STEPS, "the run finished before it could be killed: give it more steps"
     assert temp_files_left >= 1  # a kill did land in the middle of a checkpoint write
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_two_part_mixture_run_resumes_its_part_choices_and_positions_bitwise(tmp_path, image_folder):
+    """The same on a mixture of two image folders (ratios 0.7 / 0.3, homogeneous steps of part 1 with p = 0.3): the
+    steps' part choices and each part's position survive kill -9 -- the resumed run ends with the uninterrupted
+    run's part counts, weights and optimizer state, bit for bit."""
+    second = tmp_path / "part1"
+    second.mkdir()
+    data = ProceduralDataset(n=10, size=48, n_classes=4, seed=11)  # other images than image_folder's
+    for i in range(len(data)):
+        data[i][0].save(second / f"{i:03d}.png")
+    mixture = ["--data.path", "None", "--data.parts", str(image_folder), str(second), "--data.ratios", "0.7", "0.3",
+               "--data.homogeneous-part", "1", "--data.homogeneous-p", "0.3"]
+    _run_to_completion(_train_command(tmp_path / "straight", *KILL_FLAGS, *mixture), tmp_path / "straight.log")
+    out = tmp_path / "run"
+    command = _train_command(out, *KILL_FLAGS, *mixture)
+    _kill_at(["random", "mid-write", "random"], command, out, tmp_path, random.Random(28))
     _run_to_completion(command, tmp_path / "final.log")
-    assert not list(out.glob("*.tmp"))
-    _assert_same_training_state(uninterrupted, _load(out / f"checkpoint_{KILL_STEPS:08d}.pth"))
+    straight = _load(tmp_path / "straight" / f"checkpoint_{KILL_STEPS:08d}.pth")
+    resumed = _load(out / f"checkpoint_{KILL_STEPS:08d}.pth")
+    counts = straight["stats"]["part_counts"]
+    assert resumed["stats"]["part_counts"] == counts and sum(counts) == KILL_STEPS * 4 and min(counts) > 0
+    _assert_same_training_state(straight, resumed)
 
 
 @pytest.mark.slow

@@ -118,3 +118,58 @@ def test_train_runs_on_shards_and_checkpoints_the_shard_position(shards, tmp_pat
     assert train.train(more)["step"] == 5
     resumed = torch.load(tmp_path / "checkpoint_00000005.pth", weights_only=True)
     assert resumed["stats"]["resume_shard"] == 1  # restarted at shard 1: 4 more images, shard 1 not finished
+
+
+def test_a_sample_without_an_image_is_skipped_and_counted(shards, tmp_path):
+    import io
+    import shutil
+
+    shutil.copy(shards / "000000.tar", tmp_path / "000000.tar")  # images 0..4
+    with tarfile.open(tmp_path / "000000.tar", "a") as tar:
+        info = tarfile.TarInfo("999999999.txt")  # a sample of its own, with no image member
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"notes"))
+    batches = take(loader(str(tmp_path / "{000000..000000}.tar"), shuffle_buffer=1), 3)
+    assert [label for b in batches for label in b["labels"].tolist()] == [0, 1, 2, 3, 4, 0]  # then epoch 2
+    assert [int(b["n_skipped"]) for b in batches] == [0, 0, 1]  # counted with the next sample given
+
+
+def test_list_lines_naming_shard_samples_are_read_from_plain_and_compressed_shards(shards, tmp_path):
+    import gzip
+
+    from data.datasets import UNREADABLE_IMAGE_ERRORS, FileListDataset
+    from data.shards import read_sample, sample_entry
+
+    (tmp_path / "000001.tar.gz").write_bytes(gzip.compress((shards / "000001.tar").read_bytes()))
+    cut = (shards / "000002.tar").read_bytes()
+    (tmp_path / "000002.tar").write_bytes(cut[: len(cut) // 2])
+    lines = [f"{sample_entry(shards / '000000.tar', '000000003')} 3",  # absolute
+             "000001.tar.gz#000000007 7",  # relative to the list, in a gzip shard
+             f"{sample_entry(tmp_path / '000002.tar', '000000014')} 14"]  # after the cut
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    images = FileListDataset(tmp_path / "list.txt")
+    for index, number in enumerate((3, 7)):
+        image, label = images.load(index)
+        assert label == number and image.size == (32, 32)
+        reference = concept_image(number, number % 50, 32, 0).convert("RGB")
+        assert image.tobytes() == reference.tobytes()
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS, match="has no image member with key '000000014'"):
+        images.load(2)
+    with pytest.raises(FileNotFoundError):
+        read_sample(sample_entry(shards / "000000.tar", "999999999"))
+
+
+def test_shards_as_a_mixture_part_are_read_by_random_access(shards, tmp_path):
+    import train
+    from tests.helpers import tiny_config
+
+    pattern = str(shards / "{000000..000007}.tar")
+    listed = ShardImages(pattern).as_list()
+    assert [label for _, label in listed.samples] == list(range(N_IMAGES))  # shard order, then archive order
+    image, label = listed.load(17)
+    assert label == 17 and image.tobytes() == concept_image(17, 17, 32, 0).convert("RGB").tobytes()
+    cfg = tiny_config(tmp_path, "--optim.iterations", "3", "--data.batch-size", "2", "--data.path", "None",
+                      "--data.parts", pattern, str(shards.parent / "list.txt"), "--data.ratios", "0.5", "0.5")
+    summary = train.train(cfg)
+    counts = summary["stats"]["part_counts"]
+    assert summary["step"] == 3 and sum(counts) == 6 and min(counts) > 0

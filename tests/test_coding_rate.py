@@ -102,10 +102,15 @@ def test_embedding_view_distance_and_verdicts():
     with pytest.raises(ValueError, match="two global crops"):
         embedding_view_distance(views[:2], n_global=2)
     panel = HealthPanel(8, 8, objective="coding_rate")
-    panel.history = [(100, {"cls_std_sqrt_d": 0.8, "view_dist_same": 0.9, "view_dist_other": 0.95, "view_gap": 0.05})]
-    assert panel.verdict().startswith("the coding-rate objective has not started")
-    panel.history = [(100, {"cls_std_sqrt_d": 0.8, "view_dist_same": 0.3, "view_dist_other": 0.9, "view_gap": 0.6})]
-    assert panel.verdict().startswith("the coding-rate objective is learning")
+    start = (1, {"cls_std_sqrt_d": 0.8, "view_dist_same": 0.5, "view_dist_other": 0.87, "view_gap": 0.37})
+    # The demo's coding-rate run: the gap fell from 0.37 to 0.23, which is not a start, though it is above 0.1.
+    panel.history = [start, (1000, {"cls_std_sqrt_d": 0.95, "view_dist_same": 0.6, "view_dist_other": 0.83,
+                                    "view_gap": 0.23})]
+    assert panel.verdict(last_n=1).startswith("the coding-rate objective has not started")
+    assert "against 0.370 at the first logged step" in panel.verdict(last_n=1)
+    panel.history = [start, (1000, {"cls_std_sqrt_d": 0.9, "view_dist_same": 0.3, "view_dist_other": 0.9,
+                                    "view_gap": 0.6})]
+    assert panel.verdict(last_n=1).startswith("the coding-rate objective is learning")
 
 
 def test_train_with_the_coding_rate_objective_runs_and_resumes_bitwise(tmp_path):

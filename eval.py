@@ -18,7 +18,9 @@ students too: their backbone.pth records the spec that rebuilds them).
 Features (`extract_features`): per image, the normed class token and the mean of the normed patch tokens of a
 center crop (shorter side resized to size / crop_fraction, then size x size). k-NN and the linear probe read them
 from a cache file keyed by the checkpoint (file path, size and mtime), the images and the resolution, so trying
-other k or another probe grid extracts nothing again.
+other k or another probe grid extracts nothing again. A BatchNorm backbone (a timm/torchvision student) normalizes
+with its saved statistics, those of its training images; `--batchnorm-stats train-split` recomputes them on the
+probe's train images first (no labels), for a probe domain unlike the training one.
 
 k-NN (as in DINO): cosine similarity to every train feature; the k most similar vote for their class with weight
 exp(similarity / T); several k share one similarity pass. Linear probe: a grid of (learning rate, weight decay)

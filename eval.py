@@ -18,7 +18,9 @@ students too: their backbone.pth records the spec that rebuilds them).
 Features (`extract_features`): per image, the normed class token and the mean of the normed patch tokens of a
 center crop (shorter side resized to size / crop_fraction, then size x size). k-NN and the linear probe read them
 from a cache file keyed by the checkpoint (file path, size and mtime), the images and the resolution, so trying
-other k or another probe grid extracts nothing again.
+other k or another probe grid extracts nothing again. A BatchNorm backbone (a timm/torchvision student) normalizes
+with its saved statistics, those of its training images; `--batchnorm-stats train-split` recomputes them on the
+probe's train images first (no labels), for a probe domain unlike the training one.
 
 k-NN (as in DINO): cosine similarity to every train feature; the k most similar vote for their class with weight
 exp(similarity / T); several k share one similarity pass. Linear probe: a grid of (learning rate, weight decay)
@@ -108,6 +110,7 @@ from probes import (
     load_eval_backbone,
     load_procedural_sets,
     procedural_splits,
+    reestimate_batchnorm,
     select_features,
     train_linear_probes,
 )
@@ -273,6 +276,9 @@ class DataArgs:
     procedural_val: int = 500
     procedural_classes: int = 10
     procedural_seed: int = 0
+    # BatchNorm backbones (timm/torchvision students): "running" uses the statistics saved from training; "train-split"
+    # first recomputes them on the train split's images, labels unused (probes.reestimate_batchnorm; AdaBN)
+    batchnorm_stats: Literal["running", "train-split"] = "running"
     cache: bool = True  # reuse / save features in cache_dir
     cache_dir: str = "~/.cache/dinov3-lite"
 
@@ -410,10 +416,17 @@ def load_split_features(args: KnnArgs | LinearArgs, dist_info: runtime.Dist) -> 
     checkpoint = checkpoint_path_or_error(args.checkpoint)
     train, val, size, crop_fraction = build_splits(args)
     checkpoint_key = checkpoint_fingerprint(checkpoint)
+    if args.batchnorm_stats == "train-split":  # other features than the saved network's: another cache entry
+        checkpoint_key += "|batchnorm statistics of the train split"
 
     @functools.cache
     def backbone() -> nn.Module:
-        return load_eval_backbone(checkpoint, dist_info.device)
+        net = load_eval_backbone(checkpoint, dist_info.device)
+        if args.batchnorm_stats == "train-split":
+            n_norms = reestimate_batchnorm(net, train, size, crop_fraction, args.batch_size, args.num_workers)
+            logger.info(f"BatchNorm statistics of {n_norms} layers recomputed on the train split ({train.description})"
+                        if n_norms else "the backbone has no BatchNorm: --batchnorm-stats train-split changes nothing")
+        return net
 
     def extract(split: Split) -> dict:
         return extract_features(backbone(), split, size, crop_fraction, args.batch_size, args.num_workers, dist_info)

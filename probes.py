@@ -278,6 +278,38 @@ def _collate_readable(batch: list):
     return torch.stack(pixels), torch.tensor(labels, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)
 
 
+@torch.no_grad()
+def reestimate_batchnorm(backbone: nn.Module, split: Split, size: int, crop_fraction: float = 1.0,
+                         batch_size: int = 64, num_workers: int = 0) -> int:
+    """Recomputes every BatchNorm's running statistics on the images of `split` (labels unused; AdaBN), in place;
+    returns how many BatchNorm layers there were (0: nothing changed, e.g. a ViT).
+
+    A BatchNorm network normalizes with the statistics of the images it was trained on; evaluated on another
+    domain (a distilled student trained on photos, probed on generated patterns) those statistics are wrong for
+    every layer and the features collapse, while a LayerNorm teacher is unaffected. Every rank reads the whole split,
+    so the statistics are the same on all ranks."""
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches, not an exponential one
+        m.train()
+    device = next(backbone.parameters()).device
+    loader = torch.utils.data.DataLoader(_SplitPixels(split, range(len(split.indices)), size, crop_fraction),
+                                         batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_readable)
+    try:
+        for batch in loader:
+            if batch is not None:
+                backbone(batch[0].to(device))
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+    return len(norms)
+
+
 def all_gather_rows(tensor: torch.Tensor, dist_info: runtime.Dist) -> torch.Tensor:
     """The rows of every rank concatenated in rank order (ranks may hold different numbers of rows), on the CPU."""
     device = dist_info.device

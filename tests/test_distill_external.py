@@ -9,6 +9,7 @@ import torch
 import distill
 import eval as eval_cli
 from models.checkpoint import load_any_backbone
+from probes import load_procedural_sets, procedural_splits, reestimate_batchnorm
 from models.external import ExternalBackbone, build_external, export_external, load_pretrained, spec_problem
 from tests.helpers import distill_config, procedural
 
@@ -140,6 +141,45 @@ def test_eval_knn_and_segmentation_probe_run_on_a_saved_student(saved_student):
     segment = eval_cli.main(["segment", "--checkpoint", str(saved_student), "--n-train", "6", "--n-val", "3",
                              "--size", "64", "--epochs", "1", "--knn-images", "0", "--figure-images", "0"])
     assert 0.0 <= segment["checkpoint"]["miou"] <= 1.0 and 0.0 <= segment["same net at init"]["miou"] <= 1.0
+
+
+def test_batchnorm_statistics_are_recomputed_on_the_train_split():
+    """The running mean and variance become those of the split's images (equal batches: the mean of batch means is
+    the mean), the network's modes and momentum come back, and a network without BatchNorm is left alone."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3, momentum=0.3)).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        net[0].bias.zero_()
+    train, _ = procedural_splits(8, 2, 32, 4, seed=0)
+    pixels = load_procedural_sets(8, 2, size=32, n_classes=4)[0]
+    assert reestimate_batchnorm(net, train, 32, batch_size=4) == 1
+    norm = net[1]
+    torch.testing.assert_close(norm.running_mean, pixels.mean(dim=(0, 2, 3)))
+    per_batch_var = torch.stack([b.var(dim=(0, 2, 3)) for b in pixels.split(4)])  # unbiased, as BatchNorm keeps it
+    torch.testing.assert_close(norm.running_var, per_batch_var.mean(dim=0))
+    assert not net.training and not norm.training and norm.momentum == 0.3
+    assert reestimate_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), train, 32) == 0
+
+
+def test_eval_knn_with_batchnorm_statistics_of_the_train_split(saved_student, tmp_path):
+    """Other statistics give other features, cached apart from the saved network's; the saved file is untouched."""
+    before = torch.load(saved_student, map_location="cpu", weights_only=True)["weights"]
+    args = ["knn", "--checkpoint", str(saved_student), "--data", "procedural", "--procedural-train", "40",
+            "--procedural-val", "20", "--procedural-classes", "4", "--ks", "5", "--size", "64", "--num-workers", "0",
+            "--cache-dir", str(tmp_path)]
+    eval_cli.main(args)
+    running = {f.name for f in tmp_path.glob("features_*.pt")}
+    result = eval_cli.main([*args, "--batchnorm-stats", "train-split"])
+    recomputed = {f.name for f in tmp_path.glob("features_*.pt")} - running
+    assert 0.0 <= result["top1_k5"] <= 1.0 and len(running) == len(recomputed) == 2
+    def cls_by_rows(names: set[str]) -> dict[int, torch.Tensor]:  # 40 rows: the train split, 20: val
+        return {t.shape[0]: t for t in (torch.load(tmp_path / n, weights_only=True)["cls"] for n in names)}
+
+    saved_stats, split_stats = cls_by_rows(running), cls_by_rows(recomputed)
+    assert sorted(saved_stats) == sorted(split_stats) == [20, 40]
+    assert all(not torch.allclose(saved_stats[n], split_stats[n]) for n in (20, 40))
+    after = torch.load(saved_student, map_location="cpu", weights_only=True)["weights"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.slow  # torch.onnx (dynamo) tracing alone takes tens of seconds

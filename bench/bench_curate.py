@@ -12,8 +12,10 @@ It prints figures and never asserts a speed: tests/test_curation.py holds the pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,11 +169,12 @@ def _webdataset_members(url: str):
         yield from group_by_keys({**member, "__url__": url} for member in tar_file_iterator(stream))
 
 
-def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
-    """Reading (+ decoding) the same PNG images from a folder and from tar shards, by the project's reader and by
-    webdataset's (one process, interleaved passes)."""
+@contextlib.contextmanager
+def concept_images_and_shards(images: int, per_shard: int) -> Iterator[tuple]:
+    """`images` generated 64 px PNGs (50 concepts) in a temporary folder, and the same files as tar shards of
+    `per_shard`: (the folder's ImageFolderDataset, the shards' ShardImages), removed afterwards."""
     from data.datasets import ImageFolderDataset, concept_image
-    from data.shards import ShardImages, decode_sample, shard_samples, write_shards
+    from data.shards import ShardImages, write_shards
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -180,7 +183,15 @@ def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
             concept_image(i, i % 50, 64, 0).save(folder / "images" / f"{i:05d}.png")
         dataset = ImageFolderDataset(folder / "images")
         paths = write_shards(dataset, folder / "tars", per_shard)
-        shards = ShardImages(str(folder / "tars" / f"{{000000..{len(paths) - 1:06d}}}.tar"))
+        yield dataset, ShardImages(str(folder / "tars" / f"{{000000..{len(paths) - 1:06d}}}.tar"))
+
+
+def bench_shards(images: int = 2000, per_shard: int = 250) -> None:
+    """Reading (+ decoding) the same PNG images from a folder and from tar shards, by the project's reader and by
+    webdataset's (one process, interleaved passes)."""
+    from data.shards import decode_sample, shard_samples
+
+    with concept_images_and_shards(images, per_shard) as (dataset, shards):
 
         def folder_pass(decode: bool) -> int:  # what the folder loader does per image: dataset.load
             for index, (path, _) in enumerate(dataset.samples):
@@ -210,17 +221,10 @@ def bench_shard_loaders(images: int = 1000, per_shard: int = 250, workers: int =
     """train.py's two training loaders on the same PNG images, the same workers and augmentation (2 global crops of
     64 px, 2 local of 32): the folder's (map-style, sampler) against the shards' (stream, shuffle buffer)."""
     from data.augment import AugmentConfig, CropSizes
-    from data.datasets import ImageFolderDataset, build_loader, concept_image
-    from data.shards import ShardImages, build_shard_loader, write_shards
+    from data.datasets import build_loader
+    from data.shards import build_shard_loader
 
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        (folder / "images").mkdir()
-        for i in range(images):
-            concept_image(i, i % 50, 64, 0).save(folder / "images" / f"{i:05d}.png")
-        dataset = ImageFolderDataset(folder / "images")
-        paths = write_shards(dataset, folder / "tars", per_shard)
-        shards = ShardImages(str(folder / "tars" / f"{{000000..{len(paths) - 1:06d}}}.tar"))
+    with concept_images_and_shards(images, per_shard) as (dataset, shards):
         settings = dict(augment=AugmentConfig(n_local_crops=2), sizes=CropSizes(64, 32), batch_size=32,
                         num_workers=workers)
         loaders = {"folder": lambda: build_loader(dataset, **settings),

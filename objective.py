@@ -89,26 +89,34 @@ class SSLLosses(nn.Module):
         needs student_out.global_patches. health: a panel that measures this step's targets (a log step)."""
         dino_student, ibot_student, cls_global = student_out.dino, student_out.ibot, student_out.cls_global
         n_images = batch["global_crops"].shape[0]
+        rate = None
         if self.coding_rate is not None:
-            dino, ibot, extra = self._coding_rate_terms(student_out, teacher_out, batch, n_global, dino_local_weight,
-                                                        health)
+            dino, ibot, rate = self._coding_rate_terms(student_out, teacher_out, batch, n_global, dino_local_weight,
+                                                       health)
         else:
             dino_teacher_logits, ibot_teacher_logits = teacher_out[:2]
             dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
             ibot_targets = self.ibot.teacher_probs(ibot_teacher_logits, teacher_temp)
+            # The centering state moves on after this step's targets (the official order); the losses below read
+            # only the targets.
+            if self.cfg.centering == "softmax":
+                self.dino.update_center(dino_teacher_logits)
+                self.ibot.update_center(ibot_teacher_logits)
+            if self.cfg.sinkhorn_queue:
+                self.dino.update_queue(dino_teacher_logits)
             if health is not None:
                 health.observe_targets(dino_targets, ibot_targets, n_global)
             if self.cfg.shuffle_targets:
                 dino_targets, ibot_targets = shuffled_rows(dino_targets), shuffled_rows(ibot_targets)
             dino = self.dino(dino_student, dino_targets, n_global_crops=n_global, local_weight=dino_local_weight)
             ibot = self.ibot(ibot_student, ibot_targets, batch["mask_weights"], n_images=n_images)
-            extra = {}
         koleo = koleo_of_crops(self.koleo, cls_global, n_global, self.cfg.koleo_crops)
         total = self.cfg.dino_weight * dino.loss + self.cfg.ibot_weight * ibot + self.cfg.koleo_weight * koleo
-        if "coding_rate" in extra:
-            total = total - self.cfg.coding_rate_weight * extra["coding_rate"]
         terms = {"dino": dino.loss, "dino_global": dino.global_loss, "dino_local": dino.local_loss, "ibot": ibot,
-                 "koleo": koleo, **extra}
+                 "koleo": koleo}
+        if rate is not None:
+            total = total - self.cfg.coding_rate_weight * rate
+            terms["coding_rate"] = rate
         if gram_targets is not None:
             student_patches = student_out.global_patches
             teacher_patches, teacher_grid, student_grid = gram_targets
@@ -116,19 +124,12 @@ class SSLLosses(nn.Module):
                              batch["masks"].view(student_patches.shape[:2]))
             total = total + gram_weight * gram
             terms["gram"] = gram
-        if self.coding_rate is not None:
-            return {"total": total, **terms}
-        if self.cfg.centering == "softmax":
-            self.dino.update_center(dino_teacher_logits)
-            self.ibot.update_center(ibot_teacher_logits)
-        if self.cfg.sinkhorn_queue:
-            self.dino.update_queue(dino_teacher_logits)
         return {"total": total, **terms}
 
     def _coding_rate_terms(self, student_out: StudentOutputs, teacher_out: tuple, batch: dict, n_global: int,
                            dino_local_weight: float, health: HealthPanel | None) -> tuple:
-        """The coding-rate objective's class alignment (a DINOLossOutput), patch alignment and {"coding_rate": R};
-        the heads' outputs are normalized embeddings here (SSLNet with embeddings=True)."""
+        """The coding-rate objective's class alignment (a DINOLossOutput), patch alignment and coding rate R; the
+        heads' outputs are normalized embeddings here (SSLNet with embeddings=True)."""
         dino_teacher, ibot_teacher = teacher_out[:2]
         if health is not None:
             health.observe_embeddings(dino_teacher, n_global)
@@ -138,4 +139,4 @@ class SSLLosses(nn.Module):
         patches = self.coding_rate.patch_alignment(student_out.ibot, ibot_teacher, batch["mask_weights"],
                                                    batch["global_crops"].shape[0])
         rate = self.coding_rate.rate(student_out.dino[: dino_teacher.shape[0]], n_global)
-        return align, patches, {"coding_rate": rate}
+        return align, patches, rate

@@ -43,7 +43,6 @@ class SSLNet(nn.Module):
         super().__init__()
         # embeddings: the heads give their normalized bottleneck embeddings instead of prototype scores (the
         # coding-rate objective); the prototype layers are then unused, which DDP must be told.
-        self.embeddings = embeddings
         self.backbone: VisionTransformer = build_vit(cfg.arch, drop_path_rate=drop_path_rate, attn_impl=cfg.attn_impl,
                                                      **vit_overrides(cfg))
         dim = self.backbone.embed_dim
@@ -140,7 +139,7 @@ def wrap_for_parallel(student: SSLNet, teacher: SSLNet, cfg: RunConfig, dist_inf
     if dist_info.enabled:
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
-                                                   find_unused_parameters=student.embeddings)
+                                                   find_unused_parameters=student.dino_head.embeddings_only)
     return student
 
 

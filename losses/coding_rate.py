@@ -37,7 +37,8 @@ def coding_rate(embeddings: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class CodingRateLoss(torch.nn.Module):
-    """The coding-rate objective's three terms (see the module docstring); `forward` returns them unweighted."""
+    """The coding-rate objective's three terms (see the module docstring), each unweighted; objective.SSLLosses
+    weighs and sums them."""
 
     def __init__(self, eps: float = 0.5):
         super().__init__()

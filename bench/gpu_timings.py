@@ -1,6 +1,6 @@
 """The GPU timings of bench/gpu_check.sh: the three kernels against their baselines, and a training step.
 
-    python bench/gpu_timings.py --out DIR [--sections attention,sinkhorn,gram,train] [--dry-run]
+    python bench/gpu_timings.py --out DIR [--sections attention,sinkhorn,gram,train,distill] [--dry-run]
 
 Writes DIR/timings.json (every figure) and DIR/timings.md (the tables), rewritten after each section so that a
 run cut short keeps what it measured. GPU times are triton.testing.do_bench medians (CUDA events, L2 flushed
@@ -20,6 +20,8 @@ Sections (the issue "Kernels proven for real GPUs"):
   (time and allocator peak); the tiled algorithm also timed alone (Triton and PyTorch slabs), and remove_neg.
 - train: 30 steps of vit_large at 2 x 256 + 8 x 112 px, batch 32, bf16 autocast, 65536 prototypes: the project's
   kernels against attn_impl=sdpa + the PyTorch reference kernels; images/s and MFU of the measured bf16 peak.
+- distill: 20 distill.py steps into a torchvision ResNet-50 from a ViT-L/16 teacher (features objective), bf16, batch
+  64 of 2 x 224 + 8 x 96 px: images/s and allocator peak (the issue "Distill into the model you deploy").
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 
 from bench.common import matmul_peak_gflops  # noqa: E402
 
-SECTIONS = ("attention", "sinkhorn", "gram", "train")
+SECTIONS = ("attention", "sinkhorn", "gram", "train", "distill")
 # fp32 rows: what fp32 costs in the kernel (tf32x3 dots), against RoPE in torch + SDPA's own fp32 choice (its
 # flash backend takes 16-bit inputs only).
 FP32_PROVIDERS = ("triton-inline", "triton-prerotate", "torch-rope-sdpa")
@@ -297,6 +299,57 @@ def train_section(timer: Timer, dry_run: bool, peak_tflops: float, quick: bool =
     return rows
 
 
+def distill_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
+    """distill.py's step (teacher forward + one student's forward, loss, backward, AdamW) into a torchvision
+    ResNet-50 from a ViT-L/16 teacher: the features objective, linear adapters, bf16, batch 64 of 2 x 224 + 8 x 96
+    crops. Random weights: the speed does not depend on them. One augmented batch, reused, so the data loader is
+    not in the figure."""
+    import distill
+    import runtime
+    from data.augment import AugmentConfig, CropSizes
+    from data.datasets import ProceduralDataset, build_loader
+    from models.vit import build_vit
+
+    device = timer.device
+    teacher_arch, student, batch_size, global_size, local_size, n_local, steps = (
+        ("vit_large", "torchvision:resnet50", 64, 224, 96, 8, 5 if quick else 20) if not dry_run
+        else ("vit_tiny", "torchvision:resnet18", 2, 64, 32, 2, 2))
+    cfg = distill.parse_config([
+        "demo", "--students", student, "--teacher.objective", "features", "--features.adapter", "linear",
+        "--data.batch-size", str(batch_size), "--data.global-size", str(global_size),
+        "--data.local-size", str(local_size), "--augment.n-local-crops", str(n_local), "--run.device", device])
+    dist_info = runtime.setup_distributed(device)
+    torch.manual_seed(0)
+    teacher = distill.Teacher(build_vit(teacher_arch).to(device), "features", None)
+    spec, = distill.parse_students(cfg.students, world_size=1, global_batch=batch_size)
+    run = distill.setup_student(spec, None, teacher, cfg, dist_info)
+    loader = build_loader(ProceduralDataset(batch_size, size=128), cfg.augment, CropSizes(global_size, local_size),
+                          batch_size=batch_size)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(iter(loader)).items()}
+    sched = distill.schedules_at(cfg.optim.lr.warmup_iterations, cfg)  # past warmup and the last-layer freeze
+
+    def step() -> None:
+        distill.distill_step([run], teacher, batch, sched, 0, 1, cfg, dist_info)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):  # warmup: cuDNN's algorithm search, the allocator
+        step()
+    synchronize()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return [dict(teacher=teacher_arch, student=student, batch=batch_size, crops=f"2x{global_size} + {n_local}x{local_size}",
+                 steps=steps, step_ms=seconds * 1e3, images_per_s=batch_size / seconds, peak_mib=peak_mib)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------------------
@@ -360,8 +413,10 @@ def main() -> None:
             results[section] = sinkhorn_section(timer, args.dry_run, bandwidth, args.quick)
         elif section == "gram":
             results[section] = gram_section(timer, args.dry_run, args.quick)
-        else:
+        elif section == "train":
             results[section] = train_section(timer, args.dry_run, peak, args.quick)
+        else:
+            results[section] = distill_section(timer, args.dry_run, args.quick)
         results["environment"][f"{section}_seconds"] = round(time.perf_counter() - start, 1)
         save()
         print(f"[gpu_timings] {section} done in {time.perf_counter() - start:.0f} s", flush=True)

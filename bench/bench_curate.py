@@ -38,25 +38,49 @@ from data.curation import (
 from data.datasets import zipf_counts
 
 
-def long_tailed_embeddings(n: int, n_classes: int, dim: int, exponent: float, seed: int):
+def long_tailed_embeddings(n: int, n_classes: int, dim: int, exponent: float, seed: int, separation: float = 3.0):
+    """Class centers (standard normal, times `separation`) plus unit normal noise, Zipf class frequencies."""
     g = np.random.default_rng(seed)
     labels = np.repeat(np.arange(n_classes), zipf_counts(n, n_classes, exponent))
-    x = g.standard_normal((n_classes, dim))[labels] * 3.0 + g.standard_normal((len(labels), dim))
+    x = g.standard_normal((n_classes, dim))[labels] * separation + g.standard_normal((len(labels), dim))
     return torch.tensor(x, dtype=torch.float32), labels
+
+
+def curated_and_random(x: torch.Tensor, labels: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a balanced hierarchical sample (levels 200 and 50, resampling on level 2) and of a random subset."""
+    levels = hierarchical_kmeans(x, [Level(200, 15), Level(50, 15, 5, 3)], "cosine", "kmeans++", seed=0)
+    chosen = balanced_sample([lv.labels.numpy() for lv in levels], target, seed=0)
+    return chosen, np.random.default_rng(0).choice(len(labels), target, replace=False)
 
 
 def bench_balance() -> None:
     """10 % of 20k points in 50 classes with Zipf frequencies (exponent 1.2: largest / smallest > 100)."""
     x, labels = long_tailed_embeddings(20_000, 50, 32, 1.2, seed=0)
     counts = np.bincount(labels)
-    levels = hierarchical_kmeans(x, [Level(200, 15), Level(50, 15, 5, 3)], "cosine", "kmeans++", seed=0)
-    chosen = balanced_sample([lv.labels.numpy() for lv in levels], 2000, seed=0)
-    random = np.random.default_rng(0).choice(len(labels), 2000, replace=False)
+    chosen, random = curated_and_random(x, labels, 2000)
     report("balance 10% of a long-tailed pool (20k points, 50 classes, largest/smallest "
            f"{counts.max()}/{counts.min()})",
            pool_entropy=normalized_entropy(labels, 50),
            curated_entropy=normalized_entropy(labels[chosen], 50), curated_coverage=coverage(labels[chosen], 50),
            random_entropy=normalized_entropy(labels[random], 50), random_coverage=coverage(labels[random], 50))
+
+
+def bench_balance_vs_separation(queries: int = 3000) -> None:
+    """The balance of bench_balance as the classes overlap more (centers scaled down against the unit noise), beside
+    the 1-NN class accuracy of the points (cosine, `queries` of them against the whole pool): how well an embedder
+    must separate the classes for curation to balance them."""
+    for separation in (3.0, 1.5, 1.0, 0.7, 0.5):
+        x, labels = long_tailed_embeddings(20_000, 50, 32, 1.2, seed=0, separation=separation)
+        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:queries]
+        unit = torch.nn.functional.normalize(x, dim=1)
+        similarity = unit[rows] @ unit.T
+        similarity[torch.arange(queries), rows] = -2.0  # not its own neighbour
+        nearest = similarity.argmax(1).numpy()
+        chosen, random = curated_and_random(x, labels, 2000)
+        report(f"balance vs separation: class centers x {separation} (unit noise), 20k points, 50 classes, 10 %",
+               one_nn_accuracy=float((labels[nearest] == labels[rows.numpy()]).mean()),
+               curated_entropy=normalized_entropy(labels[chosen], 50), curated_coverage=coverage(labels[chosen], 50),
+               random_entropy=normalized_entropy(labels[random], 50))
 
 
 def rings(sizes: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -244,7 +268,7 @@ def bench_shard_loaders(images: int = 1000, per_shard: int = 250, workers: int =
                "worker(s), best of 3", **{f"{name}_images_per_s": value for name, value in best.items()})
 
 
-BENCHES = {"balance": bench_balance, "rings": bench_rings, "sklearn": bench_kmeans_vs_sklearn,
+BENCHES = {"balance": bench_balance, "separation": bench_balance_vs_separation, "rings": bench_rings, "sklearn": bench_kmeans_vs_sklearn,
            "lloyd": bench_lloyd, "embed": bench_embed, "retrieval": bench_retrieval,
            "shards": bench_shards, "shard_loaders": bench_shard_loaders}
 

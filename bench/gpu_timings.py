@@ -17,7 +17,8 @@ Sections (the issue "Kernels proven for real GPUs"):
 - sinkhorn: [4096, 65536], [64, 65536], [256, 262144] and [16, 262144] bf16 logits, T = 0.07, 3 iterations, against
   the official eager formula; GB/s of the bytes each must move, against the measured copy bandwidth.
 - gram: forward+backward at B = 4, P = 1024 / 4096, d = 384 / 1024 / 4096, against the materializing formulation
-  (time and allocator peak); the tiled algorithm also timed alone (Triton and PyTorch slabs), and remove_neg.
+  (time and allocator peak); the tiled algorithm also timed alone (Triton and PyTorch slabs), and remove_neg; with
+  remove_neg also PyTorch slabs of 2^23 and 2^25 floats (the default 2^21: fewer, larger products).
 - train: 30 steps of vit_large at 2 x 256 + 8 x 112 px, batch 32, bf16 autocast, 65536 prototypes: the project's
   kernels against attn_impl=sdpa + the PyTorch reference kernels; images/s and MFU of the measured bf16 peak.
 - distill: 20 distill.py steps into a torchvision ResNet-50 from a ViT-L/16 teacher (features objective), bf16, batch
@@ -231,7 +232,17 @@ def sinkhorn_section(timer: Timer, dry_run: bool, bandwidth_gbps: float, quick: 
 
 
 def gram_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
+    from dino_kernels import gram
     from dino_kernels.gram import gram_loss
+
+    def with_slab_entries(entries: int):  # the PyTorch slabs with bigger slabs (issue 29 §2: remove_neg's speed)
+        def run(s, t, rn):
+            default, gram._SLAB_ENTRIES = gram._SLAB_ENTRIES, entries
+            try:
+                return gram_loss(s, t, remove_neg=rn, algorithm="tiled")
+            finally:
+                gram._SLAB_ENTRIES = default
+        return run
 
     device = timer.device
     batch = 4 if not dry_run else 2
@@ -243,6 +254,8 @@ def gram_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]
         ("ours-auto", lambda s, t, rn: gram_loss(s, t, remove_neg=rn)),
         ("tiled-triton", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl=triton_impl, algorithm="tiled")),
         ("tiled-torch", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, algorithm="tiled")),
+        ("tiled-torch-slab2^23", with_slab_entries(1 << 23)),
+        ("tiled-torch-slab2^25", with_slab_entries(1 << 25)),
         ("materializing", lambda s, t, rn: gram_loss(s, t, remove_neg=rn, impl="reference")),
     ]
     rows = []
@@ -254,6 +267,8 @@ def gram_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]
             for name, fn in variants:
                 if name == "tiled-triton" and (d > 1024 or not remove_neg and P > d and d > 384):
                     continue  # minutes per call at d = 4096; the d >= 1024 rows with remove_neg show the trend
+                if name.startswith("tiled-torch-slab") and not remove_neg:
+                    continue  # without remove_neg "auto" takes the d-space identity where it counts
 
                 def step():
                     student.grad = None

@@ -1,6 +1,6 @@
 """The GPU timings of bench/gpu_check.sh: the three kernels against their baselines, and a training step.
 
-    python bench/gpu_timings.py --out DIR [--sections attention,sinkhorn,gram,train,distill] [--dry-run]
+    python bench/gpu_timings.py --out DIR [--sections attention,sinkhorn,gram,train,distill,loader] [--dry-run]
 
 Writes DIR/timings.json (every figure) and DIR/timings.md (the tables), rewritten after each section so that a
 run cut short keeps what it measured. GPU times are triton.testing.do_bench medians (CUDA events, L2 flushed
@@ -23,6 +23,8 @@ Sections (the issue "Kernels proven for real GPUs"):
   kernels against attn_impl=sdpa + the PyTorch reference kernels; images/s and MFU of the measured bf16 peak.
 - distill: 20 distill.py steps into a torchvision ResNet-50 from a ViT-L/16 teacher (features objective), bf16, batch
   64 of 2 x 224 + 8 x 96 px: images/s and allocator peak (the issue "Distill into the model you deploy").
+- loader: train.py's data loader alone at the vitl16-im1k recipe on the bundled photos, with 4, 8 and all cores as
+  workers: the images/s the CPUs can feed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch  # noqa: E402
 
 from bench.common import matmul_peak_gflops  # noqa: E402
 
-SECTIONS = ("attention", "sinkhorn", "gram", "train", "distill")
+SECTIONS = ("attention", "sinkhorn", "gram", "train", "distill", "loader")
 # fp32 rows: what fp32 costs in the kernel (tf32x3 dots), against RoPE in torch + SDPA's own fp32 choice (its
 # flash backend takes 16-bit inputs only).
 FP32_PROVIDERS = ("triton-inline", "triton-prerotate", "torch-rope-sdpa")
@@ -365,6 +367,39 @@ def distill_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[di
                  steps=steps, step_ms=seconds * 1e3, images_per_s=batch_size / seconds, peak_mib=peak_mib)]
 
 
+def loader_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
+    """train.py's data loader alone (build_train_loader) at the vitl16-im1k recipe: its augmentation, crops, iBOT
+    masks and batch per GPU, on the bundled photos, decoded every time. The images/s the CPUs feed one GPU with 4, 8
+    and all cores as workers, to set against the training step's (issue 29 §3, the loader lever)."""
+    import os
+
+    import runtime
+    import train
+    from data.datasets import SampleImagesDataset
+
+    cores = len(os.sched_getaffinity(0))
+    worker_counts = [1] if dry_run else sorted({min(4, cores), min(8, cores), cores})
+    one_rank = runtime.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    rows = []
+    for workers in worker_counts:
+        cfg = train.parse_config(["vitl16-im1k", "--data.num-workers", str(workers)])
+        iterator = iter(train.build_train_loader(SampleImagesDataset(), cfg, 0, cfg.model.patch_size or 16, one_rank))
+        # Past start-up and the batches the workers prefetch (2 each), then long enough for every worker to make
+        # several batches while being timed: the rate the workers produce, not the prefetch buffer's.
+        for _ in range(3 * workers):
+            next(iterator)
+        batches = 3 if dry_run else max(10 if quick else 30, 4 * workers)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        seconds = time.perf_counter() - start
+        del iterator
+        rows.append(dict(workers=workers, cores=cores, batch=cfg.data.batch_size, batches=batches,
+                         crops=f"2x{cfg.data.global_size} + {cfg.augment.n_local_crops}x{cfg.data.local_size}",
+                         images_per_s=batches * cfg.data.batch_size / seconds))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------------------
@@ -430,8 +465,10 @@ def main() -> None:
             results[section] = gram_section(timer, args.dry_run, args.quick)
         elif section == "train":
             results[section] = train_section(timer, args.dry_run, peak, args.quick)
-        else:
+        elif section == "distill":
             results[section] = distill_section(timer, args.dry_run, args.quick)
+        else:
+            results[section] = loader_section(timer, args.dry_run, args.quick)
         results["environment"][f"{section}_seconds"] = round(time.perf_counter() - start, 1)
         save()
         print(f"[gpu_timings] {section} done in {time.perf_counter() - start:.0f} s", flush=True)

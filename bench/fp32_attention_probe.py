@@ -5,8 +5,10 @@ The first GPU run of the fp32 Triton tiles ended in an illegal memory access ins
 in a child process that reports one JSON line per config; when a child dies, the config it was running is marked
 `fault` (with the end of its stderr) and a new child goes on from the next one. A backward config is probed with
 the forward (and, for dq, the dk/dv kernel) pinned to the first config that passed, so that an earlier kernel's
-faulty tile cannot be blamed on it. With `--sanitizer` each faulting config runs once more alone under
-`compute-sanitizer --tool memcheck`, whose report names the kernel, the thread and the address.
+faulty tile cannot be blamed on it. Every autotune candidate (num_stages 2 and 3) is also probed unpipelined
+(num_stages 1), the usual way around a software-pipeliner fault. With `--sanitizer` the first faulting config of
+each kernel runs once more alone under `compute-sanitizer --tool memcheck`, whose report names the kernel, the
+thread and the address. Each result is printed and saved as it comes, so a run cut short keeps what it measured.
 
     python bench/fp32_attention_probe.py --out gpu_results            # on the GPU; FP32_TRITON_ON_GPU is ignored
     python bench/fp32_attention_probe.py --dry-run                     # CPU, Triton's interpreter, tiny sizes
@@ -48,14 +50,15 @@ class Case:
 
 
 def all_cases(dry_run: bool = False) -> list[Case]:
-    """The 32-bit configs the autotune of each kernel may pick, forward kernels first (on the interpreter, where
-    warps and stages do not exist, one per tile shape)."""
+    """The 32-bit configs the autotune of each kernel may pick (num_stages 2 and 3), forward kernels first, each
+    also unpipelined (num_stages 1: a pipeliner fault would pass there, a workaround to offer); on the
+    interpreter, where warps and stages do not exist, one per tile shape."""
     from dino_kernels import rope_attention as ra
 
     shapes = {"fwd": ra._FWD_SHAPES, "dkdv": ra._DKDV_SHAPES, "dq": ra._DQ_SHAPES}
     return [Case(kernel, d, outer, inner, warps, stages)
             for kernel in KERNELS for d in ra.TRITON_HEAD_DIMS
-            for outer, inner, warps in shapes[kernel][("32-bit", d)] for stages in ((2,) if dry_run else (2, 3))]
+            for outer, inner, warps in shapes[kernel][("32-bit", d)] for stages in ((2,) if dry_run else (2, 3, 1))]
 
 
 def pin(case: Case) -> None:
@@ -130,8 +133,16 @@ def child(args: argparse.Namespace) -> None:
             os.environ[key] = json.dumps(asdict(case))
 
 
+def save(results: list[dict], out: Path | None) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fp32_probe.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "fp32_probe.md").write_text(table(results) + "\n")
+
+
 def probe(args: argparse.Namespace) -> list[dict]:
-    """Children until every case has a line; a child that dies leaves its running case as `fault`."""
+    """Children until every case has a line; a child that dies leaves its running case as `fault`. Each result is
+    printed and saved as it comes: a run cut short by its time limit keeps what it measured."""
     cases, results, start, pins = all_cases(args.dry_run), [], 0, {}
     base = [sys.executable, str(Path(__file__).resolve()), "--child", "--tokens", str(args.tokens),
             "--rope-mode", args.rope_mode] + (["--dry-run"] if args.dry_run else [])
@@ -141,10 +152,16 @@ def probe(args: argparse.Namespace) -> list[dict]:
         env = dict(os.environ, PYTHONPATH=str(REPO), **pins)
         if args.dry_run:
             env["TRITON_INTERPRET"] = "1"
-        done = subprocess.run(base + ["--start", str(start)], env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
+        try:
+            done = subprocess.run(base + ["--start", str(start)], env=env, capture_output=True, text=True,
+                                  timeout=args.timeout)
+        except subprocess.TimeoutExpired as expired:  # a hung config: what finished before it still counts
+            stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+            done = subprocess.CompletedProcess(expired.cmd, -9, stdout, f"child ran past {args.timeout} s")
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         results += lines
+        for line in lines:
+            print(f"{line['name']}: {line['status']}", flush=True)
         for line in lines:
             key = f"PROBE_PIN_{line['kernel'].upper()}"
             if line["status"] == "ok" and key not in pins:
@@ -154,7 +171,9 @@ def probe(args: argparse.Namespace) -> list[dict]:
             case = cases[start]
             results.append(dict(index=start, **asdict(case), name=case.name, status="fault",
                                 stderr=done.stderr[-1500:]))
+            print(f"{case.name}: fault", flush=True)
             start += 1
+        save(results, args.out)
     if args.sanitizer:
         add_sanitizer_reports(args, results)
     return results
@@ -163,17 +182,25 @@ def probe(args: argparse.Namespace) -> list[dict]:
 def add_sanitizer_reports(args: argparse.Namespace, results: list[dict]) -> None:
     sanitizer = shutil.which("compute-sanitizer") or next(
         (str(p) for p in Path("/usr/local").glob("cuda*/bin/compute-sanitizer")), None)
+    reported = set()
     for result in results:
-        if result["status"] != "fault":
+        # The first fault of each kernel: memcheck runs slowly, and one report per kernel names the cause.
+        if result["status"] != "fault" or result["kernel"] in reported:
             continue
+        reported.add(result["kernel"])
         if sanitizer is None:
             result["sanitizer"] = "compute-sanitizer not found"
             continue
-        done = subprocess.run([sanitizer, "--tool", "memcheck", sys.executable, str(Path(__file__).resolve()),
-                               "--child", "--only", result["name"], "--tokens", str(args.tokens), "--rope-mode",
-                               args.rope_mode], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                              text=True, timeout=args.timeout)
-        result["sanitizer"] = "\n".join((done.stdout + done.stderr).splitlines()[:60])
+        try:
+            done = subprocess.run([sanitizer, "--tool", "memcheck", sys.executable, str(Path(__file__).resolve()),
+                                   "--child", "--only", result["name"], "--tokens", str(args.tokens), "--rope-mode",
+                                   args.rope_mode], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                                  text=True, timeout=args.timeout)
+            result["sanitizer"] = "\n".join((done.stdout + done.stderr).splitlines()[:60])
+        except subprocess.TimeoutExpired:
+            result["sanitizer"] = f"compute-sanitizer ran past {args.timeout} s"
+        print(f"{result['name']}: sanitizer report saved", flush=True)
+        save(results, args.out)
 
 
 def table(results: list[dict]) -> str:
@@ -206,10 +233,7 @@ def main() -> None:
     print(table(results))
     faults = [r["name"] for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(faults)} of {len(results)} configs ok" + (f"; not ok: {faults}" if faults else ""))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fp32_probe.json").write_text(json.dumps(results, indent=1) + "\n")
-        (args.out / "fp32_probe.md").write_text(table(results) + "\n")
+    save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def timed_steps(steps: int, warmup: int = 2) -> Callable[[Callable[[], None]], f
 def measure_train_step(
     device: str, arch: str, batch: int, global_size: int, local_size: int, prototypes: int,
     measure: Callable[[Callable[[], None]], float], attn_impl: str = "auto", kernel_impl: str = "auto",
-    peak_gflops: float | None = None,
+    peak_gflops: float | None = None, fused_adamw: bool = False,
 ) -> dict:
     """The demo preset at this architecture, batch, crop sizes and head width (8 local crops): its step's figures."""
     config_args = [
@@ -59,15 +59,17 @@ def measure_train_step(
         "256", "--model.ibot-bottleneck", "256", "--data.global-size", str(global_size), "--data.local-size",
         str(local_size), "--augment.n-local-crops", "8", "--data.batch-size", str(batch),
     ]
-    return measure_config_step(device, config_args, measure, attn_impl, kernel_impl, peak_gflops)
+    return measure_config_step(device, config_args, measure, attn_impl, kernel_impl, peak_gflops, fused_adamw)
 
 
 def measure_config_step(
     device: str, config_args: list[str], measure: Callable[[Callable[[], None]], float], attn_impl: str = "auto",
-    kernel_impl: str = "auto", peak_gflops: float | None = None,
+    kernel_impl: str = "auto", peak_gflops: float | None = None, fused_adamw: bool = False,
 ) -> dict:
     """Build the model, losses and one batch of train.py's config `config_args` (a preset and overrides), time
-    `measure(step)` and return the step's figures (peak_mib: the step's peak allocated memory on CUDA)."""
+    `measure(step)` and return the step's figures (peak_mib: the step's peak allocated memory on CUDA).
+    fused_adamw: torch's fused AdamW (one kernel per parameter group, as the official code's multi_tensor_optim)
+    instead of train.py's default (foreach on CUDA)."""
     cfg = train.parse_config([*config_args, "--run.device", device, "--model.attn-impl", attn_impl,
                               "--model.kernel-impl", kernel_impl])
     batch, global_size, local_size = cfg.data.batch_size, cfg.data.global_size, cfg.data.local_size
@@ -77,7 +79,7 @@ def measure_config_step(
     student.to(device)
     teacher.to(device)
     losses = train.SSLLosses(cfg.model, cfg.loss).to(device)
-    optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
+    optimizer = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4, fused=fused_adamw or None)
     state = train.TrainState(student, teacher, None, student, optimizer, losses)
     loader = build_loader(SampleImagesDataset(), AugmentConfig(n_local_crops=n_local),
                           CropSizes(global_size, local_size), batch_size=batch, num_workers=0)

@@ -18,7 +18,8 @@
 #                    the tests and timings do not compile ~250 variants one after another inside autotuning)
 #   gpu_tests.txt    TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py (bf16/fp16/fp32 vs float64, fwd + bwd)
 #   timings.json/md  bench/gpu_timings.py: attention, Sinkhorn, Gram, 30-step vit_large training, distillation
-#                    into a ResNet-50 from a ViT-L teacher, the data loader alone (these two not in --quick)
+#                    into a ResNet-50 from a ViT-L teacher, the data loader alone, curate.py's embed and Lloyd
+#                    steps (these three not in --quick)
 #   timings.log      its output, with Triton's autotuning choices (TRITON_PRINT_AUTOTUNING=1)
 #   learning.json/md --learning: each run's k-NN curve, DINO term against ln K, health panel, images/s
 #   fp32_probe.json/md  --fp32-probe: each config's status (ok / wrong / fault) and errors against float64

@@ -1,6 +1,6 @@
 """The GPU timings of bench/gpu_check.sh: the three kernels against their baselines, and a training step.
 
-    python bench/gpu_timings.py --out DIR [--sections attention,sinkhorn,gram,train,distill,loader] [--dry-run]
+    python bench/gpu_timings.py --out DIR [--sections attention,sinkhorn,gram,train,distill,loader,curate] [--dry-run]
 
 Writes DIR/timings.json (every figure) and DIR/timings.md (the tables), rewritten after each section so that a
 run cut short keeps what it measured. GPU times are triton.testing.do_bench medians (CUDA events, L2 flushed
@@ -26,6 +26,8 @@ Sections (the issue "Kernels proven for real GPUs"):
   64 of 2 x 224 + 8 x 96 px: images/s and allocator peak (the issue "Distill into the model you deploy").
 - loader: train.py's data loader alone at the vitl16-im1k recipe on the bundled photos, with 4, 8 and all cores as
   workers: the images/s the CPUs can feed.
+- curate: curate.py's GPU steps, a ViT-L/16 forward at 224 px in bf16 (embed) and one Lloyd iteration over 1M x 384
+  points with 16384 centroids (cluster).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch  # noqa: E402
 
 from bench.common import matmul_peak_gflops  # noqa: E402
 
-SECTIONS = ("attention", "sinkhorn", "gram", "train", "distill", "loader")
+SECTIONS = ("attention", "sinkhorn", "gram", "train", "distill", "loader", "curate")
 # fp32 rows: what fp32 costs in the kernel (tf32x3 dots), against RoPE in torch + SDPA's own fp32 choice (its
 # flash backend takes 16-bit inputs only).
 FP32_PROVIDERS = ("triton-inline", "triton-prerotate", "torch-rope-sdpa")
@@ -406,6 +408,33 @@ def loader_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dic
     return rows
 
 
+def curate_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:
+    """curate.py's two GPU-bound steps: embed (a ViT-L/16 backbone's forward at 224 px, bf16, batch 256; decoding
+    is the loader's, timed in the loader section) and one Lloyd iteration of the cluster step (1M x 384 points,
+    16384 centroids, cosine: assignment in blocks, float64 sums) (the issue "Data at web scale")."""
+    from data.curation import lloyd_step, prepare
+    from dense import forward_tokens
+    from models.vit import build_vit
+
+    device = timer.device
+    arch, size, batch = ("vit_large", 224, 256) if not dry_run else ("vit_tiny", 64, 4)
+    n, dim, k = (1_000_000, 384, 16384) if not dry_run else (2000, 32, 64)
+    gen = torch.Generator(device=device).manual_seed(0)
+    backbone = build_vit(arch).to(device).eval()
+    images = torch.randn(batch, 3, size, size, generator=gen, device=device)
+    with torch.no_grad():
+        ms = timer(lambda: forward_tokens(backbone, images), rep_ms=200)
+    rows = [dict(step="embed", what=f"{arch} forward, {size} px, batch {batch}, bf16", ms=ms,
+                 per_s=batch / ms * 1e3, unit="images")]
+    del backbone, images
+    points = prepare(torch.randn(n, dim, generator=gen, device=device), "cosine")
+    centroids = points[torch.randperm(n, generator=gen, device=device)[:k]].clone()
+    ms = timer(lambda: lloyd_step(points, centroids, "cosine"), rep_ms=200)
+    rows.append(dict(step="cluster", what=f"one Lloyd iteration, {n} x {dim}, k = {k}, cosine", ms=ms,
+                     per_s=n / ms * 1e3, unit="points"))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------------------
@@ -473,8 +502,10 @@ def main() -> None:
             results[section] = train_section(timer, args.dry_run, peak, args.quick)
         elif section == "distill":
             results[section] = distill_section(timer, args.dry_run, args.quick)
-        else:
+        elif section == "loader":
             results[section] = loader_section(timer, args.dry_run, args.quick)
+        else:
+            results[section] = curate_section(timer, args.dry_run, args.quick)
         results["environment"][f"{section}_seconds"] = round(time.perf_counter() - start, 1)
         save()
         print(f"[gpu_timings] {section} done in {time.perf_counter() - start:.0f} s", flush=True)

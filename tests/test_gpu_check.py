@@ -20,7 +20,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()  # collected, and skipped without CUDA
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert timings["environment"]["dry_run"] is True
-    for section in ("attention", "sinkhorn", "gram", "train", "distill", "loader"):
+    for section in ("attention", "sinkhorn", "gram", "train", "distill", "loader", "curate"):
         rows = timings[section]
         assert rows and all("error" not in row for row in rows), (section, rows)
     assert (tmp_path / "timings.md").read_text().startswith("# GPU timings")

@@ -268,9 +268,9 @@ def bench_shard_loaders(images: int = 1000, per_shard: int = 250, workers: int =
                "worker(s), best of 3", **{f"{name}_images_per_s": value for name, value in best.items()})
 
 
-BENCHES = {"balance": bench_balance, "separation": bench_balance_vs_separation, "rings": bench_rings, "sklearn": bench_kmeans_vs_sklearn,
-           "lloyd": bench_lloyd, "embed": bench_embed, "retrieval": bench_retrieval,
-           "shards": bench_shards, "shard_loaders": bench_shard_loaders}
+BENCHES = {"balance": bench_balance, "separation": bench_balance_vs_separation, "rings": bench_rings,
+           "sklearn": bench_kmeans_vs_sklearn, "lloyd": bench_lloyd, "embed": bench_embed,
+           "retrieval": bench_retrieval, "shards": bench_shards, "shard_loaders": bench_shard_loaders}
 
 
 @pytest.mark.slow

@@ -331,7 +331,7 @@ def distill_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[di
     not in the figure."""
     import distill
     import runtime
-    from data.augment import AugmentConfig, CropSizes
+    from data.augment import CropSizes
     from data.datasets import ProceduralDataset, build_loader
     from models.vit import build_vit
 
@@ -371,8 +371,9 @@ def distill_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[di
     synchronize()
     seconds = (time.perf_counter() - start) / steps
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return [dict(teacher=teacher_arch, student=student, batch=batch_size, crops=f"2x{global_size} + {n_local}x{local_size}",
-                 steps=steps, step_ms=seconds * 1e3, images_per_s=batch_size / seconds, peak_mib=peak_mib)]
+    return [dict(teacher=teacher_arch, student=student, batch=batch_size,
+                 crops=f"2x{global_size} + {n_local}x{local_size}", steps=steps, step_ms=seconds * 1e3,
+                 images_per_s=batch_size / seconds, peak_mib=peak_mib)]
 
 
 def loader_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[dict]:

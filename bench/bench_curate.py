@@ -1,6 +1,7 @@
-"""Curation benchmarks: balance of a curated subset, the public code's five-rings toy example, k-means against
-scikit-learn, and the throughput of embed, of one Lloyd iteration, of retrieval (torch exact vs faiss) and of reading
-the same images from files and from tar shards (the readers alone, and train.py's loaders).
+"""Curation benchmarks: balance of a curated subset (and how it falls as the classes overlap), the public code's
+five-rings toy example, k-means against scikit-learn, and the throughput of embed, of one Lloyd iteration, of
+retrieval (torch exact vs faiss) and of reading the same images from files and from tar shards (the readers alone,
+and train.py's loaders).
 
     python -m bench.bench_curate                 # everything, printed; about 10 minutes on a 2-core CPU
     python -m bench.bench_curate --only rings lloyd

@@ -91,8 +91,8 @@ class SSLLosses(nn.Module):
         n_images = batch["global_crops"].shape[0]
         rate = None
         if self.coding_rate is not None:
-            dino, ibot, rate = self._coding_rate_terms(student_out, teacher_out, batch, n_global, dino_local_weight,
-                                                       health)
+            dino, ibot, rate = self._coding_rate_terms(student_out, teacher_out, batch["mask_weights"], n_images,
+                                                       n_global, dino_local_weight, health)
         else:
             dino_teacher_logits, ibot_teacher_logits = teacher_out[:2]
             dino_targets = self.dino.teacher_probs(dino_teacher_logits, teacher_temp)
@@ -126,8 +126,9 @@ class SSLLosses(nn.Module):
             terms["gram"] = gram
         return {"total": total, **terms}
 
-    def _coding_rate_terms(self, student_out: StudentOutputs, teacher_out: tuple, batch: dict, n_global: int,
-                           dino_local_weight: float, health: HealthPanel | None) -> tuple:
+    def _coding_rate_terms(self, student_out: StudentOutputs, teacher_out: tuple, mask_weights: torch.Tensor,
+                           n_images: int, n_global: int, dino_local_weight: float,
+                           health: HealthPanel | None) -> tuple:
         """The coding-rate objective's class alignment (a DINOLossOutput), patch alignment and coding rate R; the
         heads' outputs are normalized embeddings here (SSLNet with embeddings=True)."""
         dino_teacher, ibot_teacher = teacher_out[:2]
@@ -136,7 +137,6 @@ class SSLLosses(nn.Module):
         if self.cfg.shuffle_targets:
             dino_teacher, ibot_teacher = shuffled_rows(dino_teacher), shuffled_rows(ibot_teacher)
         align = self.coding_rate.class_alignment(student_out.dino, dino_teacher, n_global, dino_local_weight)
-        patches = self.coding_rate.patch_alignment(student_out.ibot, ibot_teacher, batch["mask_weights"],
-                                                   batch["global_crops"].shape[0])
+        patches = self.coding_rate.patch_alignment(student_out.ibot, ibot_teacher, mask_weights, n_images)
         rate = self.coding_rate.rate(student_out.dino[: dino_teacher.shape[0]], n_global)
         return align, patches, rate

@@ -130,21 +130,31 @@ def sample_entry(url: str | Path, key: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _image_members(shard: str) -> dict[str, tuple[int, int, str]]:
-    """{sample key: (offset, size, extension) of its first image member} of a shard, from its headers alone; a
-    damaged shard lists the samples before the damage. Cached: a worker reads many samples of a shard."""
+def _shard_members(shard: str) -> tuple[dict[str, tuple[int, int, str]], dict[str, tuple[int, int]]]:
+    """({sample key: (offset, size, extension) of its first image member}, {sample key: (offset, size) of its .cls
+    member}) of a shard, from one scan of its headers; a damaged shard lists the samples before the damage. Cached:
+    a worker reads many samples of a shard."""
     from webdataset.tariterators import base_plus_ext
 
     with open_tar(shard) as stream:
         index, damage = tar_index(stream)
     if damage is not None:
         logger.warning(f"shard {shard}: {damage}; its samples after that point cannot be read")
-    members: dict[str, tuple[int, int, str]] = {}
+    images: dict[str, tuple[int, int, str]] = {}
+    labels: dict[str, tuple[int, int]] = {}
     for name, (offset, size) in index.items():
         key, extension = base_plus_ext(name)
-        if key is not None and extension.lower() in IMAGE_KEYS and key not in members:
-            members[key] = (offset, size, extension.lower())
-    return members
+        if key is None:
+            continue
+        if extension.lower() in IMAGE_KEYS and key not in images:
+            images[key] = (offset, size, extension.lower())
+        elif extension.lower() == "cls":
+            labels[key] = (offset, size)
+    return images, labels
+
+
+def _image_members(shard: str) -> dict[str, tuple[int, int, str]]:
+    return _shard_members(shard)[0]
 
 
 def read_sample(entry: str) -> tuple[bytes, str]:
@@ -189,21 +199,16 @@ class ShardImages:
         """Every sample with an image as a '<shard>#<key>' list entry (labels from the .cls members), in shard and
         archive order: random access, for what needs it (a mixture part), at the cost of one scan of each shard's
         headers here and one seek per image read."""
-        from webdataset.tariterators import base_plus_ext
-
         samples = []
         for url in self.urls:
-            with open_tar(url) as stream:
-                index, damage = tar_index(stream)
-                labels = {}
-                for name, (offset, size) in index.items():
-                    key, extension = base_plus_ext(name)
-                    if key is not None and extension.lower() == "cls":
+            images, label_members = _shard_members(url)
+            labels = {}
+            if label_members:
+                with open_tar(url) as stream:
+                    for key, (offset, size) in label_members.items():
                         stream.seek(offset)
                         labels[key] = sample_label({"cls": stream.read(size)})
-            if damage is not None:
-                logger.warning(f"shard {url}: {damage}; its samples after that point are left out")
-            samples += [(Path(sample_entry(url, key)), labels.get(key, -1)) for key in _image_members(url)]
+            samples += [(Path(sample_entry(url, key)), labels.get(key, -1)) for key in images]
         return PathListDataset(samples, f"the tar shards {self.pattern!r}")
 
     def preview(self, n: int = 4) -> ImageDataset:

@@ -810,3 +810,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    runtime.leave_torchrun_worker()

@@ -726,3 +726,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
+    runtime.leave_torchrun_worker()

@@ -16,11 +16,13 @@ resumed run neither reads it nor overwrites it.
 
 One run per output folder: rank 0 holds an OS lock on `<output_dir>/run.lock` for the run's life (`RunFolderLock`);
 the kernel releases it when the process dies, however it dies. Workers started by torchrun die with their launcher
-(`die_with_launcher`).
+(`die_with_launcher`), and leave without the interpreter's finalization once their entry point has returned
+(`leave_torchrun_worker`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime
@@ -245,13 +247,15 @@ def run_cli(main: Callable[[], None], one_line: tuple[type[BaseException], ...] 
     A user's error (UsageError, an error marked by `checks_before_building`, or one of `one_line` anywhere) prints
     `error: <message>` as one line on stderr, from rank 0 only, and exits with status 2, without a traceback
     (`--debug` shows it). A run that is already finished prints one line and exits 0, so a requeued job ends cleanly.
-    Under torchrun the worker is also tied to its launcher (`die_with_launcher`)."""
+    Under torchrun the worker is also tied to its launcher (`die_with_launcher`), and leaves without the
+    interpreter's finalization once main() has returned (`leave_torchrun_worker`)."""
     debug = "--debug" in sys.argv[1:]
     sys.argv = [arg for arg in sys.argv if arg != "--debug"]
     die_with_launcher()
     rank, _ = launch_rank_and_world()
     try:
         main()
+        leave_torchrun_worker()
     except RunFinished as done:
         if rank == 0:
             print(done)
@@ -262,6 +266,22 @@ def run_cli(main: Callable[[], None], one_line: tuple[type[BaseException], ...] 
         if rank == 0:
             print("error: " + " ".join(str(err).split()), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def leave_torchrun_worker() -> None:
+    """End a torchrun worker whose entry point has returned: run the exit handlers, flush, and leave without the
+    interpreter's finalization (plain `python` runs are left alone).
+
+    Why: destroy_process_group does not free the Gloo process group of an FSDP run, because DTensor's caches keep
+    its device mesh, so the group and its threads used to die in finalization, while the interpreter was half torn
+    down. Once in CI that aborted a worker after its run had finished and saved ("terminate called without an
+    active exception", SIGABRT), and torchrun reported the whole job failed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    atexit._run_exitfuncs()  # logging, multiprocessing's children, tempfiles: what a normal exit would run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def all_reduce_max(value: float, dist_info: Dist) -> float:

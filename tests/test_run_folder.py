@@ -11,6 +11,8 @@ and the entry points' one-line errors (issue 26).
   complete left the run refuses with the command that moves it aside.
 - kill -9 of the torchrun launcher alone: its workers are gone within seconds and nothing partial is resumable
   (slow).
+- A torchrun worker that finished leaves before the interpreter's finalization, with exit status 0, its exit
+  handlers run and its output written (slow).
 """
 
 from __future__ import annotations
@@ -394,6 +396,63 @@ def test_kill_9_of_the_launcher_alone_ends_its_workers_and_leaves_nothing_partia
     assert entries and all(runtime.checkpoint_problem(p) is None for p in entries), entries
     for step, path in runtime.list_checkpoints(out):
         assert read_checkpoint_file(path)["step"] == step
+    # Released by the kernel with rank 0's files, which go when its last thread has exited: a thread still in a
+    # checkpoint's fsync can outlive the main thread (already a zombie) by a moment, so allow a few seconds.
     free = runtime.RunFolderLock(out)
-    free.acquire()  # released by the kernel with rank 0
+    free_by = time.monotonic() + 10
+    while True:
+        try:
+            free.acquire()
+            break
+        except runtime.RunFolderBusy:
+            assert time.monotonic() < free_by, "the folder's lock is still held 10 s after the workers died"
+            time.sleep(0.05)
     free.release()
+
+
+WORKER_THAT_FINISHES = """
+import atexit, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import runtime
+
+def main():
+    dist.init_process_group("gloo")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    fully_shard(model[0]); fully_shard(model)
+    model(torch.randn(3, 4)).sum().backward()
+    rank = dist.get_rank()
+    atexit.register(lambda: open(os.path.join(sys.argv[2], f"atexit_{rank}"), "w").close())
+    runtime.teardown_distributed()
+    gloo = [t for t in os.listdir("/proc/self/task") if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+    print(f"rank {rank} finished; gloo threads alive after teardown: {len(gloo)}", end="")  # in stdout's buffer
+
+runtime.run_cli(main)
+raise SystemExit(3)  # a worker that reached this line went on into the interpreter's finalization
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_finished_torchrun_worker_leaves_before_finalization_with_its_output_and_exit_handlers(tmp_path):
+    """An FSDP worker's Gloo group outlives destroy_process_group (DTensor's caches hold its mesh) and used to die
+    in the interpreter's finalization, which once aborted a finished run in CI. run_cli now ends a torchrun worker
+    right after its main(): exit status 0, the exit handlers run, and buffered output is written."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_THAT_FINISHES)
+    env = process_env()
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(REPO), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} finished" in done.stdout, done.stdout
+        assert (tmp_path / f"atexit_{rank}").exists()
+    # A plain `python` run is left to end the usual way (run_cli returns).
+    plain = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import runtime; "
+                            "runtime.run_cli(lambda: None); raise SystemExit(3)", str(REPO)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 3, plain.stderr

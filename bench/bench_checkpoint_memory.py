@@ -49,6 +49,7 @@ def worker(record_prefix: str, argv: list[str]) -> None:
     """Inside torchrun: train.py's main with its save and resume phases measured; each rank writes a JSON file.
     Before a phase the kernel's peak-RSS counter is reset (/proc/self/clear_refs), so the peak after it is the
     phase's own: what the process held at the phase's worst moment."""
+    import runtime
     import train
 
     events: list[dict] = []
@@ -69,6 +70,7 @@ def worker(record_prefix: str, argv: list[str]) -> None:
         train.main(argv)
     finally:
         Path(f"{record_prefix}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(events))
+    runtime.leave_torchrun_worker()  # as train.py's run_cli ends a worker
 
 
 def launch(nproc: int, argv: list[str], record_prefix: Path, timeout_s: float) -> list[list[dict]]:

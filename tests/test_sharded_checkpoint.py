@@ -179,6 +179,7 @@ def restore_and_dump(state, cfg, start):
         torch.save({{"step": state.step, "student": student, "teacher": teacher, "optimizer": optimizer}}, sys.argv[1])
 train.restore_or_initialize = restore_and_dump
 train.main(sys.argv[2:])
+runtime.leave_torchrun_worker()  # as train.py's run_cli ends a worker
 """
 
 

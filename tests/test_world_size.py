@@ -23,7 +23,7 @@ RECORD_TERMS = """
 import json, sys
 import torch
 sys.path.insert(0, {repo!r})
-import train
+import runtime, train
 real = train.Monitor.log_step
 def log_step(self, step, terms, *args, **kwargs):
     own = {{k: v.item() for k, v in terms.items()}}
@@ -32,6 +32,7 @@ def log_step(self, step, terms, *args, **kwargs):
         f.write(json.dumps({{"step": step, "own": own, "logged": self.last}}) + "\\n")
 train.Monitor.log_step = log_step
 train.main(sys.argv[1:])
+runtime.leave_torchrun_worker()  # as train.py's run_cli ends a worker
 """
 
 

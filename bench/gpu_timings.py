@@ -331,6 +331,7 @@ def distill_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[di
     not in the figure."""
     import distill
     import runtime
+    from bench.bench_train import timed_steps
     from data.augment import CropSizes
     from data.datasets import ProceduralDataset, build_loader
     from models.vit import build_vit
@@ -355,21 +356,12 @@ def distill_section(timer: Timer, dry_run: bool, quick: bool = False) -> list[di
 
     def step() -> None:
         distill.distill_step([run], teacher, batch, sched, 0, 1, cfg, dist_info)
-
-    def synchronize() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(3):  # warmup: cuDNN's algorithm search, the allocator
-        step()
-    synchronize()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = timed_steps(steps, warmup=3)(step)  # warmup: cuDNN's algorithm search, the allocator
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return [dict(teacher=teacher_arch, student=student, batch=batch_size,
                  crops=f"2x{global_size} + {n_local}x{local_size}", steps=steps, step_ms=seconds * 1e3,

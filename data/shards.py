@@ -153,17 +153,13 @@ def _shard_members(shard: str) -> tuple[dict[str, tuple[int, int, str]], dict[st
     return images, labels
 
 
-def _image_members(shard: str) -> dict[str, tuple[int, int, str]]:
-    return _shard_members(shard)[0]
-
-
 def read_sample(entry: str) -> tuple[bytes, str]:
     """(image file bytes, extension) of a '<shard>#<key>' entry; raises FileNotFoundError when the shard has no
     image for that key and EOFError when the shard ends inside it (both UNREADABLE_IMAGE_ERRORS: a loader skips
     and counts the sample)."""
     mark = SHARD_SAMPLE.search(entry)
     shard, key = entry[:mark.end() - 1], entry[mark.end():]
-    found = _image_members(shard).get(key)
+    found = _shard_members(shard)[0].get(key)
     if found is None:
         raise FileNotFoundError(f"{entry}: shard {shard} has no image member with key {key!r}")
     offset, size, extension = found
